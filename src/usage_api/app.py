@@ -1,0 +1,256 @@
+"""The application: routes, lifespan, and the body-size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from usage_api import errors
+from usage_api.auth import CurrentKey, EngineDep
+from usage_api.config import Settings, get_settings
+from usage_api.dates import make_range, parse_instant
+from usage_api.db import create_engine, run_autocommit, transact
+from usage_api.directory import put_organization, put_partner, put_user
+from usage_api.errors import bad_request
+from usage_api.ids import is_valid_id
+from usage_api.ingest import ingest, parse_events
+from usage_api.rollup import run_folder
+from usage_api.schemas import OrganizationIn, PartnerIn, UsageEventsIn, UserIn
+from usage_api.usage import UsageQuery, read_usage
+
+
+class BodySizeLimit:
+    """Answer 413 as soon as a request body grows past `limit` bytes, before it is read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.error_response(413, "request body too large")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _optional(value: str | None) -> str | None:
+    return value if value else None
+
+
+def _checked_id(value: str | None, name: str) -> str | None:
+    if value is not None and not is_valid_id(value):
+        raise bad_request(f"invalid {name}")
+    return value
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("request body must be valid JSON") from None
+
+
+def _model(model: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_context=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise bad_request(f"invalid {field}: {first['msg']}") from None
+
+
+def _upserted(kind: str, created: bool, entity: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"success": True, kind: entity}, status_code=201 if created else 200)
+
+
+def create_app(settings: Settings | None = None, database_url: str | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    url = database_url or settings.database_url
+    if url is None:
+        raise SystemExit("DATABASE_URL is not set")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings, url)
+        app.state.engine = engine
+        folder = None
+        if settings.rollup_interval_ms > 0:
+            folder = asyncio.create_task(run_folder(engine, settings.rollup_interval_ms / 1000))
+        try:
+            yield
+        finally:
+            if folder is not None:
+                folder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await folder
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Usage Analytics API",
+        version="1.0.0",
+        summary="SMS and MMS segments and voice seconds, per organization and user.",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    powered_by = settings.powered_by
+
+    @app.get("/v1/analytics/usage")
+    async def get_usage(
+        engine: EngineDep,
+        principal: CurrentKey,
+        organization_id: Annotated[str | None, Query()] = None,
+        user_id: Annotated[str | None, Query()] = None,
+        start_date: Annotated[str | None, Query()] = None,
+        end_date: Annotated[str | None, Query()] = None,
+    ) -> JSONResponse:
+        """Usage of an organization or a user: all time, or over a date range."""
+        organization_id = _checked_id(_optional(organization_id), "organization_id")
+        user_id = _checked_id(_optional(user_id), "user_id")
+        if organization_id is None and user_id is None:
+            raise bad_request("organization_id or user_id is required")
+        bounds = []
+        for name, raw in (("start_date", start_date), ("end_date", end_date)):
+            instant = parse_instant(raw) if raw is not None else None
+            if raw is not None and instant is None:
+                raise bad_request(
+                    f"{name} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z"
+                )
+            bounds.append(instant)
+        span = None
+        if start_date is not None or end_date is not None:
+            span = make_range(bounds[0], bounds[1])
+            if span is None:
+                raise bad_request("start_date must not be after end_date")
+        usage = await run_autocommit(
+            engine, read_usage, principal, UsageQuery(organization_id, user_id, span)
+        )
+        return JSONResponse({"success": True, "usage": usage, "powered_by": powered_by})
+
+    @app.post(
+        "/v1/usage/events",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": UsageEventsIn.model_json_schema()}},
+            }
+        },
+    )
+    async def post_events(
+        request: Request, engine: EngineDep, principal: CurrentKey
+    ) -> JSONResponse:
+        """Record a batch of 1 to 1000 usage events, exactly once each."""
+        principal.require_write()
+        body = await _json_body(request)
+        if not isinstance(body, dict) or set(body) != {"events"}:
+            raise bad_request("request body must be a JSON object with only an events list")
+        events = parse_events(body["events"])
+        result = await transact(engine, ingest, principal, events)
+        return JSONResponse(
+            {
+                "success": True,
+                "accepted": result.accepted,
+                "duplicates": result.duplicates,
+                "conflicts": result.conflicts,
+            }
+        )
+
+    @app.put("/v1/partners/{partner_id}")
+    async def put_partner_route(
+        request: Request,
+        engine: EngineDep,
+        principal: CurrentKey,
+        partner_id: Annotated[str, Path()],
+    ) -> JSONResponse:
+        """Create or rename a partner (admin keys)."""
+        principal.require_write()
+        _checked_id(partner_id, "partner_id")
+        body: PartnerIn = _model(PartnerIn, await _json_body(request))
+        created, entity = await transact(engine, put_partner, principal, partner_id, body)
+        return _upserted("partner", created, entity)
+
+    @app.put("/v1/organizations/{organization_id}")
+    async def put_organization_route(
+        request: Request,
+        engine: EngineDep,
+        principal: CurrentKey,
+        organization_id: Annotated[str, Path()],
+    ) -> JSONResponse:
+        """Create or update an organization inside the key's scope."""
+        principal.require_write()
+        _checked_id(organization_id, "organization_id")
+        body: OrganizationIn = _model(OrganizationIn, await _json_body(request))
+        created, entity = await transact(engine, put_organization, principal, organization_id, body)
+        return _upserted("organization", created, entity)
+
+    @app.put("/v1/users/{user_id}")
+    async def put_user_route(
+        request: Request,
+        engine: EngineDep,
+        principal: CurrentKey,
+        user_id: Annotated[str, Path()],
+    ) -> JSONResponse:
+        """Create or update a user of an organization inside the key's scope."""
+        principal.require_write()
+        _checked_id(user_id, "user_id")
+        body: UserIn = _model(UserIn, await _json_body(request))
+        created, entity = await transact(engine, put_user, principal, user_id, body)
+        return _upserted("user", created, entity)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive (no database check)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(engine: EngineDep) -> dict[str, str]:
+        """The database answers."""
+        await run_autocommit(engine, _ping)
+        return {"status": "ready"}
+
+    return app
+
+
+async def _ping(conn: Any) -> None:
+    await conn.execute(text("SELECT 1"))

@@ -1,0 +1,219 @@
+"""`usage-api`: serve, migrate, load the demo, manage keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from usage_api.config import get_settings
+
+T = TypeVar("T")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
+app.add_typer(keys_app, name="keys")
+
+
+def _say(message: str) -> None:
+    """Human-facing output goes to stderr, so stdout carries only what a script wants."""
+    typer.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    """The configured database, or the embedded one (started here, stopped on exit)."""
+    settings = get_settings()
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from usage_api.embedded import EmbeddedPostgres, default_data_dir
+
+    data_dir = default_data_dir()
+    _say(f"DATABASE_URL is not set: using the embedded PostgreSQL in {data_dir}")
+    server = EmbeddedPostgres(data_dir)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def migrate_to_head(url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parents[2]
+    ini = Path("alembic.ini") if Path("alembic.ini").exists() else root / "alembic.ini"
+    config = Config(str(ini))
+    config.attributes["database_url"] = url
+    command.upgrade(config, "head")
+
+
+def _with_engine(url: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    from usage_api.db import create_engine
+
+    async def run() -> T:
+        engine = create_engine(get_settings(), url)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _in_transaction(url: str, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    from usage_api.db import transact
+
+    return _with_engine(url, lambda engine: transact(engine, work))
+
+
+def _load_demo(url: str) -> str:
+    from usage_api.demo import demo_key, load_demo
+
+    async def run(engine: AsyncEngine) -> str:
+        await load_demo(engine)
+        from usage_api.db import transact
+
+        return await transact(engine, demo_key)
+
+    return _with_engine(url, run)
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+    demo: Annotated[bool, typer.Option(help="Load the demo data and print a key.")] = False,
+) -> None:
+    """Apply pending migrations, then serve the API."""
+    import uvicorn
+
+    with database() as url:
+        migrate_to_head(url)
+        if demo:
+            key = _load_demo(url)
+            _say(f"Demo data loaded. Read key for Acme Corp: {key}")
+            _say(
+                "Try:\n  curl "
+                f'"http://{host}:{port}/v1/analytics/usage?organization_id='
+                f'1767623610019x414651971228139500" -H "X-API-Key: {key}"'
+            )
+        # Worker processes read their database from the environment.
+        os.environ["DATABASE_URL"] = url
+        get_settings.cache_clear()
+        uvicorn.run(
+            "usage_api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=get_settings().log_level,
+            timeout_graceful_shutdown=10,
+        )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending migrations to DATABASE_URL."""
+    with database() as url:
+        migrate_to_head(url)
+    _say("Database is at the latest migration.")
+
+
+@app.command("demo")
+def demo_command() -> None:
+    """Load the demo data (idempotent) and print a read key for it."""
+    with database() as url:
+        migrate_to_head(url)
+        key = _load_demo(url)
+    typer.echo(key)
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[str, typer.Option(help="admin, partner or organization")],
+    partner: Annotated[str | None, typer.Option(help="Partner id, for --scope partner.")] = None,
+    organization: Annotated[
+        str | None, typer.Option(help="Organization id, for --scope organization.")
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Allow ingestion and directory writes.")] = False,
+    name: Annotated[str | None, typer.Option(help="A label to recognise the key by.")] = None,
+) -> None:
+    """Create a key and print it (it is shown only this once)."""
+    from usage_api.auth import create_key
+
+    if scope not in ("admin", "partner", "organization"):
+        raise typer.BadParameter("must be admin, partner or organization", param_hint="--scope")
+    if (scope == "partner") != (partner is not None):
+        raise typer.BadParameter("--partner goes with --scope partner (and only with it)")
+    if (scope == "organization") != (organization is not None):
+        raise typer.BadParameter("--organization goes with --scope organization (and only with it)")
+
+    async def work(conn: AsyncConnection) -> tuple[str, str]:
+        return await create_key(
+            conn,
+            scope=scope,  # type: ignore[arg-type]
+            partner_id=partner,
+            organization_id=organization,
+            can_write=write,
+            name=name,
+        )
+
+    with database() as url:
+        migrate_to_head(url)
+        try:
+            key_id, key = _in_transaction(url, work)
+        except Exception as exc:  # an unknown partner or organization, mostly
+            _say(f"could not create the key: {getattr(exc, 'orig', exc)}")
+            raise typer.Exit(1) from None
+    _say(f"Created key {key_id}. Store it now: it cannot be shown again.")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (never the keys themselves)."""
+    from usage_api.auth import list_keys
+
+    with database() as url:
+        migrate_to_head(url)
+        keys = _in_transaction(url, list_keys)
+    for key in keys:
+        target = key.partner_id or key.organization_id or "-"
+        state = "revoked" if key.revoked_at else "active"
+        permission = "write" if key.can_write else "read"
+        typer.echo(
+            f"{key.id}\t{key.prefix}…\t{key.scope}\t{target}\t{permission}\t{state}"
+            f"\t{key.name or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id; it is rejected from then on."""
+    from usage_api.auth import revoke_key
+
+    async def work(conn: AsyncConnection) -> bool:
+        return await revoke_key(conn, key_id)
+
+    with database() as url:
+        migrate_to_head(url)
+        found = _in_transaction(url, work)
+    if not found:
+        _say(f"no key with id {key_id}")
+        raise typer.Exit(1)
+    _say(f"Revoked key {key_id}.")
+
+
+def main(argv: Any = None) -> None:
+    app(args=argv if argv is not None else sys.argv[1:])

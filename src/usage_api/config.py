@@ -1,0 +1,54 @@
+"""Settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    return raw in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    powered_by: str
+    pool_size: int
+    statement_timeout_ms: int
+    max_body_bytes: int
+    rollup_interval_ms: int
+    docs_enabled: bool
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            powered_by=os.environ.get("USAGE_API_POWERED_BY", "Teli"),
+            pool_size=_int("USAGE_API_POOL_SIZE", 10),
+            statement_timeout_ms=_int("USAGE_API_STATEMENT_TIMEOUT_MS", 5000),
+            max_body_bytes=_int("USAGE_API_MAX_BODY_BYTES", 1024 * 1024),
+            rollup_interval_ms=_int("USAGE_API_ROLLUP_INTERVAL_MS", 500),
+            docs_enabled=_bool("USAGE_API_DOCS", True),
+            log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
+        )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings.from_env()

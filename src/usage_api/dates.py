@@ -1,0 +1,124 @@
+"""The contract's date and date-time forms, and the ranges they denote."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+_INSTANT = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})"
+    r"(?:T(?P<hour>\d{2}):(?P<minute>\d{2})"
+    r"(?::(?P<second>\d{2})(?:\.(?P<fraction>\d{1,9}))?)?"
+    r"(?P<offset>Z|[+-]\d{2}:\d{2})?)?",
+    re.ASCII,
+)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# Earliest and latest instants a range can reach; an open side stands for these.
+MIN_INSTANT = datetime(1, 1, 1, tzinfo=UTC)
+MAX_INSTANT = datetime(9999, 12, 31, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Instant:
+    """A parsed date or date-time and the unit of its finest field."""
+
+    at: datetime
+    unit: timedelta | None  # None when fractional seconds make it an exact instant
+
+    @property
+    def has_fraction(self) -> bool:
+        return self.unit is None
+
+
+def parse_instant(value: str, *, require_time: bool = False) -> Instant | None:
+    """Parse one of the contract's forms; None when `value` is not one of them."""
+    match = _INSTANT.fullmatch(value)
+    if match is None or (require_time and match["hour"] is None):
+        return None
+    try:
+        year, month, day = (int(part) for part in match["date"].split("-"))
+        if match["hour"] is None:
+            return Instant(datetime(year, month, day, tzinfo=UTC), timedelta(days=1))
+        fraction = match["fraction"]
+        micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
+        local = datetime(
+            year,
+            month,
+            day,
+            int(match["hour"]),
+            int(match["minute"]),
+            int(match["second"] or 0),
+            micro,
+            tzinfo=UTC,
+        )
+        offset = match["offset"]
+        if offset and offset != "Z":
+            sign = 1 if offset[0] == "+" else -1
+            hours, minutes = int(offset[1:3]), int(offset[4:6])
+            if hours > 23 or minutes > 59:
+                return None
+            local -= sign * timedelta(hours=hours, minutes=minutes)
+    except (ValueError, OverflowError):
+        return None
+    if fraction:
+        unit = None
+    elif match["second"] is not None:
+        unit = timedelta(seconds=1)
+    else:
+        unit = timedelta(minutes=1)
+    return Instant(local, unit)
+
+
+@dataclass(frozen=True)
+class DateRange:
+    """`start <= occurred_at < end_exclusive`, with what to echo back for each side."""
+
+    start: datetime
+    end_exclusive: datetime
+    start_echo: str | None
+    end_echo: str | None
+
+
+def _echo(at: datetime, with_fraction: bool) -> str:
+    text = at.strftime("%Y-%m-%dT%H:%M:%S")
+    if with_fraction:
+        text += f".{at.microsecond:06d}"
+    return text + "Z"
+
+
+def make_range(start: Instant | None, end: Instant | None) -> DateRange | None:
+    """The range two bounds denote; None when it is empty."""
+    lower = start.at if start else MIN_INSTANT
+    if end is None:
+        upper = MAX_INSTANT
+    elif end.unit is None:
+        # An instant with a fraction is covered exactly: nudge the exclusive end past it.
+        upper = end.at + timedelta(microseconds=1)
+    else:
+        try:
+            upper = min(end.at + end.unit, MAX_INSTANT)
+        except OverflowError:
+            upper = MAX_INSTANT
+    if lower >= upper:
+        return None
+    return DateRange(
+        start=lower,
+        end_exclusive=upper,
+        start_echo=_echo(start.at, start.has_fraction) if start else None,
+        end_echo=_last_covered(end) if end else None,
+    )
+
+
+def _last_covered(end: Instant) -> str:
+    if end.unit is None:
+        return _echo(end.at, True)
+    try:
+        return _echo(end.at + end.unit - timedelta(seconds=1), False)
+    except OverflowError:
+        return "9999-12-31T23:59:59Z"

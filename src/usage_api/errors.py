@@ -1,0 +1,130 @@
+"""Errors, and how every one of them reaches a client.
+
+    ApiError                 a domain error: status, message, optional details and headers
+      ServiceUnavailable     503 with Retry-After (database down, statement timeout)
+
+Everything else that escapes a route is a 500 `internal error`, logged with its traceback
+and never shown to the client. `install` registers the handlers that render all of them,
+and Starlette's own 404/405/validation errors, as `{"success": false, "error": ...}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("usage_api")
+
+RETRY_AFTER_SECONDS = 2
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+class ServiceUnavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "service temporarily unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+
+def bad_request(message: str, details: list[dict[str, Any]] | None = None) -> ApiError:
+    return ApiError(400, message, details=details)
+
+
+def not_found(kind: str) -> ApiError:
+    return ApiError(404, f"{kind} not found")
+
+
+# SQLSTATE classes that mean "the database is not there right now", not "this request is
+# wrong": connection exceptions (08), operator intervention such as shutdown or a
+# cancelled statement (57), and insufficient resources (53).
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57", "53")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database is unreachable, restarting or too slow."""
+    if isinstance(exc, PoolTimeoutError | OSError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        if sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+            return True
+        cause = exc.orig.__cause__ if exc.orig is not None else None
+        return (
+            isinstance(cause, OSError | TimeoutError)
+            or "connection" in type(cause).__name__.lower()
+        )
+    return False
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    details: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"success": False, "error": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, details=exc.details, headers=exc.headers)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: "not found", 405: "method not allowed"}
+    message = messages.get(
+        exc.status_code, "bad request" if exc.status_code < 500 else "internal error"
+    )
+    return error_response(exc.status_code, message, headers=exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(400, "invalid request")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_unavailable(exc):
+        log.warning("database unavailable: %s %s: %r", request.method, request.url.path, exc)
+        unavailable = ServiceUnavailable()
+        return error_response(unavailable.status, unavailable.message, headers=unavailable.headers)
+    log.exception("unhandled error: %s %s", request.method, request.url.path)
+    return error_response(500, "internal error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,199 @@
+"""Recording usage: `POST /v1/usage/events`.
+
+A batch is one transaction. Log rows go in with `ON CONFLICT DO NOTHING`, so an id seen
+before is never applied twice; what was really inserted is summed per (organization,
+user, hour) into `usage_deltas` by the same statement. Writers only insert, in key
+order, so concurrent batches neither queue on a hot row nor deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from usage_api.auth import VISIBLE_ORGANIZATION, Principal
+from usage_api.dates import utc_now
+from usage_api.errors import bad_request
+from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS
+from usage_api.schemas import UsageEventIn
+
+MAX_EVENTS = 1000
+MAX_FUTURE = timedelta(minutes=5)
+
+_COLUMNS = (
+    "organization_id",
+    "id",
+    "user_id",
+    "type",
+    "direction",
+    "segments",
+    "seconds",
+    "knowledge_base",
+    "occurred_at",
+)
+_TYPES = ("text", "text", "text", "text", "text", "int", "int", "bool", "timestamptz")
+_UNNEST = "unnest({}) WITH ORDINALITY AS input({}, position)".format(
+    ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(_COLUMNS, _TYPES, strict=True)),
+    ", ".join(_COLUMNS),
+)
+_COLUMN_LIST = ", ".join(_COLUMNS)
+
+_INSERT = text(f"""
+WITH inserted AS (
+    INSERT INTO usage_events ({_COLUMN_LIST})
+    SELECT {_COLUMN_LIST} FROM {_UNNEST}
+    ORDER BY organization_id, id
+    ON CONFLICT (organization_id, id) DO NOTHING
+    RETURNING {_COLUMN_LIST}
+),
+deltas AS (
+    INSERT INTO usage_deltas (organization_id, user_id, hour_at, {METRIC_COLUMNS})
+    SELECT organization_id, coalesce(user_id, ''), date_trunc('hour', occurred_at, 'UTC'),
+           {EVENT_SUMS}
+    FROM inserted
+    GROUP BY 1, 2, 3
+)
+SELECT organization_id, id FROM inserted
+""")
+
+# Which of the given events (1-based positions) differ from what is stored under their id.
+_CONFLICTS = text(f"""
+SELECT input.position FROM {_UNNEST}
+JOIN usage_events stored USING (organization_id, id)
+WHERE (stored.user_id, stored.type, stored.direction, stored.segments, stored.seconds,
+       stored.knowledge_base, stored.occurred_at)
+      IS DISTINCT FROM
+      (input.user_id, input.type, input.direction, input.segments, input.seconds,
+       input.knowledge_base, input.occurred_at)
+""")
+
+_VISIBLE = text(f"""
+SELECT 'organization' AS kind, o.id, o.id AS organization_id FROM organizations o
+WHERE o.id = ANY(CAST(:organization_ids AS text[])) AND {VISIBLE_ORGANIZATION}
+UNION ALL
+SELECT 'user', u.id, u.organization_id FROM users u
+WHERE u.id = ANY(CAST(:user_ids AS text[]))
+""")
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+
+def parse_events(raw: Any) -> list[UsageEventIn]:
+    """Validate a batch; a 400 naming every bad event if any is."""
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_EVENTS:
+        raise bad_request(f"events must be a list of 1 to {MAX_EVENTS} events")
+    latest = utc_now() + MAX_FUTURE
+    events: list[UsageEventIn] = []
+    details: list[dict[str, Any]] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            details.append({"index": index, "field": "event", "error": "must be an object"})
+            continue
+        try:
+            event = UsageEventIn.model_validate(item)
+        except ValidationError as exc:
+            details.extend(
+                {
+                    "index": index,
+                    "field": ".".join(str(part) for part in error["loc"]) or "event",
+                    "error": error["msg"],
+                }
+                for error in exc.errors(include_url=False, include_context=False)
+            )
+            continue
+        problems = event.quantity_errors()
+        if event.occurred_at > latest:
+            problems.append(("occurred_at", "must not be more than 5 minutes in the future"))
+        details.extend({"index": index, "field": f, "error": e} for f, e in problems)
+        events.append(event)
+    if details:
+        raise bad_request("invalid events", details)
+    return events
+
+
+async def _check_targets(
+    conn: AsyncConnection, principal: Principal, events: list[UsageEventIn]
+) -> None:
+    rows = await conn.execute(
+        _VISIBLE,
+        {
+            "organization_ids": sorted({e.organization_id for e in events}),
+            "user_ids": sorted({e.user_id for e in events if e.user_id is not None}),
+            **principal.scope_params(),
+        },
+    )
+    organizations: set[str] = set()
+    user_organization: dict[str, str] = {}
+    for row in rows:
+        if row.kind == "organization":
+            organizations.add(row.id)
+        else:
+            user_organization[row.id] = row.organization_id
+    details: list[dict[str, Any]] = []
+    for index, event in enumerate(events):
+        if event.organization_id not in organizations:
+            details.append(
+                {"index": index, "field": "organization_id", "error": "organization not found"}
+            )
+        elif event.user_id is not None and user_organization.get(event.user_id) != (
+            event.organization_id
+        ):
+            details.append({"index": index, "field": "user_id", "error": "user not found"})
+    if details:
+        raise bad_request("invalid events", details)
+
+
+def _columns(events: list[UsageEventIn]) -> dict[str, list[Any]]:
+    return {
+        "organization_id": [e.organization_id for e in events],
+        "id": [e.id for e in events],
+        "user_id": [e.user_id for e in events],
+        "type": [e.type for e in events],
+        "direction": [e.direction for e in events],
+        "segments": [e.segments for e in events],
+        "seconds": [e.seconds for e in events],
+        "knowledge_base": [bool(e.knowledge_base) for e in events],
+        "occurred_at": [e.occurred_at for e in events],
+    }
+
+
+async def ingest(
+    conn: AsyncConnection, principal: Principal, events: list[UsageEventIn]
+) -> IngestResult:
+    """Record a validated batch inside the caller's transaction."""
+    await _check_targets(conn, principal, events)
+
+    # The first event of each (organization, id) is the one offered for insertion; any
+    # repeat in the same batch is then judged against what got stored, like a retry.
+    first: dict[tuple[str, str], UsageEventIn] = {}
+    repeats: list[UsageEventIn] = []
+    for event in events:
+        key = (event.organization_id, event.id)
+        if key in first:
+            repeats.append(event)
+        else:
+            first[key] = event
+    offered = list(first.values())
+    inserted = {
+        (row.organization_id, row.id) for row in await conn.execute(_INSERT, _columns(offered))
+    }
+
+    result = IngestResult(accepted=len(inserted))
+    not_applied = [e for e in offered if (e.organization_id, e.id) not in inserted] + repeats
+    if not_applied:
+        conflicting = set((await conn.scalars(_CONFLICTS, _columns(not_applied))).all())
+        result.duplicates = len(not_applied) - len(conflicting)
+        for position, event in enumerate(not_applied, start=1):
+            if position in conflicting and event.id not in result.conflicts:
+                result.conflicts.append(event.id)
+    return result

@@ -1,0 +1,217 @@
+"""The schema. Every table of tenant data leads its primary key and indexes with
+`organization_id`, so it can be distributed by organization without redesign.
+
+Usage is kept three ways that always agree:
+
+- `usage_events`: the log, one row per accepted event; the source of truth.
+- `usage_deltas`: append-only sums of what each ingest transaction inserted, per
+  (organization, user, hour). Writers only ever insert here, so no row is hot.
+- `usage_counters`, `usage_hourly`, `usage_daily`: roll-ups that `rollup.fold` moves
+  deltas into, deleting them in the same statement. Readers add the deltas not yet
+  folded, so a read is exact and real time whatever the fold lags.
+
+In roll-ups and deltas `user_id = ''` stands for "no user": the organization's own row
+in the roll-ups, an event without a user in the deltas. Real ids are never empty.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+METRICS = (
+    "sms_outbound",
+    "sms_inbound",
+    "mms_outbound",
+    "mms_inbound",
+    "voice_seconds",
+    "voice_kb_seconds",
+)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class Metrics:
+    """The six sums every roll-up and delta row carries (see `METRICS`)."""
+
+    sms_outbound: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    sms_inbound: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    mms_outbound: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    mms_inbound: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    voice_seconds: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    voice_kb_seconds: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class Partner(Base):
+    __tablename__ = "partners"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    partner_id: Mapped[str | None] = mapped_column(
+        String(128), ForeignKey("partners.id"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+
+
+class User(Base):
+    __tablename__ = "users"
+    # User ids are global (a user is addressed by id alone), hence the unique index;
+    # the primary key still leads with the organization.
+    __table_args__ = (Index(None, "id", unique=True),)
+
+    organization_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("organizations.id"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    email: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(
+            "(scope = 'admin' AND partner_id IS NULL AND organization_id IS NULL)"
+            " OR (scope = 'partner' AND partner_id IS NOT NULL AND organization_id IS NULL)"
+            " OR (scope = 'organization' AND organization_id IS NOT NULL AND partner_id IS NULL)",
+            name="scope_target",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_hash: Mapped[bytes] = mapped_column(unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(String(16))
+    partner_id: Mapped[str | None] = mapped_column(
+        String(128), ForeignKey("partners.id", ondelete="CASCADE")
+    )
+    organization_id: Mapped[str | None] = mapped_column(
+        String(128), ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    can_write: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UsageEvent(Base):
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        CheckConstraint("type IN ('sms', 'mms', 'voice')", name="type"),
+        CheckConstraint("direction IN ('outbound', 'inbound')", name="direction"),
+        CheckConstraint(
+            "(type = 'voice' AND seconds IS NOT NULL AND segments IS NULL)"
+            " OR (type <> 'voice' AND segments IS NOT NULL AND seconds IS NULL"
+            " AND NOT knowledge_base)",
+            name="quantity",
+        ),
+        ForeignKeyConstraint(
+            ["organization_id", "user_id"],
+            ["users.organization_id", "users.id"],
+            name="fk_usage_events_user_users",
+        ),
+        # Range edges sum raw rows; the INCLUDE columns make that an index-only scan.
+        Index(
+            "ix_usage_events_org_occurred",
+            "organization_id",
+            "occurred_at",
+            postgresql_include=["type", "direction", "segments", "seconds", "knowledge_base"],
+        ),
+        Index(
+            "ix_usage_events_org_user_occurred",
+            "organization_id",
+            "user_id",
+            "occurred_at",
+            postgresql_include=["type", "direction", "segments", "seconds", "knowledge_base"],
+            postgresql_where=text("user_id IS NOT NULL"),
+        ),
+    )
+
+    organization_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("organizations.id"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(8))
+    direction: Mapped[str] = mapped_column(String(8))
+    segments: Mapped[int | None] = mapped_column(Integer)
+    seconds: Mapped[int | None] = mapped_column(Integer)
+    knowledge_base: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = _created_at()
+
+
+class UsageDelta(Metrics, Base):
+    __tablename__ = "usage_deltas"
+    __table_args__ = (Index(None, "organization_id", "user_id", "hour_at"),)
+
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128))
+    hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UsageCounter(Metrics, Base):
+    __tablename__ = "usage_counters"
+
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+
+
+class UsageHourly(Metrics, Base):
+    __tablename__ = "usage_hourly"
+
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+
+
+class UsageDaily(Metrics, Base):
+    __tablename__ = "usage_daily"
+
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)

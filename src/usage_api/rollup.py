@@ -1,0 +1,117 @@
+"""Folding deltas into the roll-ups, and the SQL that sums usage rows.
+
+Ingest only appends to `usage_deltas`. `fold` moves a batch of deltas into
+`usage_counters`, `usage_hourly` and `usage_daily` in one statement that also deletes
+them, so at every snapshot each delta is counted exactly once: either still a delta or
+already in the roll-ups. Only one fold runs at a time across every process (a
+transaction-level advisory lock), so the roll-up rows it updates never contend with
+writers or with each other, and a fold interrupted at any point simply never happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from usage_api.db import transact
+from usage_api.models import METRICS
+
+log = logging.getLogger("usage_api")
+
+# The six metrics of a set of `usage_events` rows.
+EVENT_SUMS = """
+    coalesce(sum(segments) FILTER (WHERE type = 'sms' AND direction = 'outbound'), 0)
+        AS sms_outbound,
+    coalesce(sum(segments) FILTER (WHERE type = 'sms' AND direction = 'inbound'), 0)
+        AS sms_inbound,
+    coalesce(sum(segments) FILTER (WHERE type = 'mms' AND direction = 'outbound'), 0)
+        AS mms_outbound,
+    coalesce(sum(segments) FILTER (WHERE type = 'mms' AND direction = 'inbound'), 0)
+        AS mms_inbound,
+    coalesce(sum(seconds) FILTER (WHERE type = 'voice' AND NOT knowledge_base), 0)
+        AS voice_seconds,
+    coalesce(sum(seconds) FILTER (WHERE type = 'voice' AND knowledge_base), 0)
+        AS voice_kb_seconds"""
+
+# The six metrics of a set of rows that already carry them (roll-ups, deltas).
+METRIC_SUMS = ", ".join(f"coalesce(sum({m}), 0)::bigint AS {m}" for m in METRICS)
+METRIC_COLUMNS = ", ".join(METRICS)
+_ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS)
+
+# 0x7573616765 is "usage": any constant will do as long as nothing else uses it.
+_FOLD_LOCK = 0x7573616765
+
+_FOLD = text(f"""
+WITH batch AS (
+    DELETE FROM usage_deltas
+    WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT :limit))
+    RETURNING organization_id, user_id, hour_at, {METRIC_COLUMNS}
+),
+targets AS (
+    SELECT organization_id, user_id, hour_at, {METRIC_COLUMNS} FROM batch WHERE user_id <> ''
+    UNION ALL
+    SELECT organization_id, '', hour_at, {METRIC_COLUMNS} FROM batch
+),
+hourly AS (
+    INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_COLUMNS})
+    SELECT organization_id, user_id, hour_at, {METRIC_SUMS} FROM targets
+    GROUP BY organization_id, user_id, hour_at
+    ORDER BY organization_id, user_id, hour_at
+    ON CONFLICT (organization_id, user_id, hour_at)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_hourly")}
+),
+daily AS (
+    INSERT INTO usage_daily (organization_id, user_id, day, {METRIC_COLUMNS})
+    SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date, {METRIC_SUMS}
+    FROM targets
+    GROUP BY organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date
+    ORDER BY 1, 2, 3
+    ON CONFLICT (organization_id, user_id, day)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_daily")}
+),
+counters AS (
+    INSERT INTO usage_counters (organization_id, user_id, {METRIC_COLUMNS})
+    SELECT organization_id, user_id, {METRIC_SUMS} FROM targets
+    GROUP BY organization_id, user_id
+    ORDER BY organization_id, user_id
+    ON CONFLICT (organization_id, user_id)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_counters")}
+)
+SELECT count(*) FROM batch
+""")
+
+
+async def fold(conn: AsyncConnection, limit: int = 20_000) -> int | None:
+    """Fold up to `limit` deltas; the number folded, or None if another fold holds the lock."""
+    locked = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _FOLD_LOCK})
+    if not locked:
+        return None
+    folded = await conn.scalar(_FOLD, {"limit": limit})
+    return int(folded or 0)
+
+
+async def fold_all(engine: AsyncEngine, limit: int = 20_000) -> int:
+    """Fold until no deltas are left (or another process is folding); the number folded."""
+    total = 0
+    while True:
+        folded = await transact(engine, fold, limit)
+        if not folded:
+            return total
+        total += folded
+        if folded < limit:
+            return total
+
+
+async def run_folder(engine: AsyncEngine, interval_s: float) -> None:
+    """Fold deltas every `interval_s` seconds until cancelled; errors are logged, not fatal."""
+    while True:
+        try:
+            await fold_all(engine)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("folding deltas failed; will retry", exc_info=True)
+        await asyncio.sleep(interval_s)

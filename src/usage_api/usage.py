@@ -1,0 +1,166 @@
+"""Reading usage: `GET /v1/analytics/usage`.
+
+Each answer is one statement, so one snapshot: the entity, its scope check and its sums.
+All time is the counter row plus the deltas not yet folded into it. A range is cut into
+whole UTC days (daily roll-ups), whole hours (hourly roll-ups) and the partial hours at
+its edges (raw log rows), plus the unfolded deltas of its whole hours; its cost depends
+on the range's shape, not on how much usage the organization has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from usage_api.auth import VISIBLE_ORGANIZATION, Principal
+from usage_api.dates import DateRange
+from usage_api.errors import not_found
+from usage_api.models import METRICS
+from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS, METRIC_SUMS
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+# Placeholders: {events} and {rollups} select the entity's rows; an organization's
+# events and deltas include every user's, its roll-ups are the rows with user_id ''.
+_ALL_TIME_PARTS = f"""
+    SELECT {METRIC_COLUMNS} FROM usage_counters WHERE {{rollups}}
+    UNION ALL
+    SELECT {METRIC_COLUMNS} FROM usage_deltas WHERE {{events}}
+"""
+
+_RANGE_PARTS = f"""
+    SELECT {EVENT_SUMS} FROM usage_events
+    WHERE {{events}} AND occurred_at >= :start AND occurred_at < :first_hour
+    UNION ALL
+    SELECT {EVENT_SUMS} FROM usage_events
+    WHERE {{events}} AND occurred_at >= :last_hour AND occurred_at < :end
+    UNION ALL
+    SELECT {METRIC_COLUMNS} FROM usage_hourly
+    WHERE {{rollups}} AND hour_at >= :first_hour AND hour_at < :first_day_at
+    UNION ALL
+    SELECT {METRIC_COLUMNS} FROM usage_hourly
+    WHERE {{rollups}} AND hour_at >= :last_day_at AND hour_at < :last_hour
+    UNION ALL
+    SELECT {METRIC_COLUMNS} FROM usage_daily
+    WHERE {{rollups}} AND day >= :first_day AND day < :last_day
+    UNION ALL
+    SELECT {METRIC_COLUMNS} FROM usage_deltas
+    WHERE {{events}} AND hour_at >= :first_hour AND hour_at < :last_hour
+"""
+
+_ORGANIZATION = f"""
+SELECT o.id, o.name, m.* FROM organizations o
+CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
+WHERE o.id = :organization_id AND {VISIBLE_ORGANIZATION}
+"""
+
+_USER = f"""
+SELECT u.id, u.name, u.email, m.* FROM users u
+JOIN organizations o ON o.id = u.organization_id
+CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
+WHERE u.id = :user_id AND {VISIBLE_ORGANIZATION}
+  AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+"""
+
+
+def _statement(kind: str, parts: str) -> Any:
+    if kind == "user":
+        template = _USER
+        events = "organization_id = u.organization_id AND user_id = u.id"
+        rollups = events
+    else:
+        template = _ORGANIZATION
+        events = "organization_id = o.id"
+        rollups = "organization_id = o.id AND user_id = ''"
+    return text(template.format(parts=parts.format(events=events, rollups=rollups)))
+
+
+_STATEMENTS = {
+    (kind, ranged): _statement(kind, _RANGE_PARTS if ranged else _ALL_TIME_PARTS)
+    for kind in ("organization", "user")
+    for ranged in (False, True)
+}
+
+
+def _floor(at: datetime, unit: timedelta) -> datetime:
+    if unit == DAY:
+        return at.replace(hour=0, minute=0, second=0, microsecond=0)
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil(at: datetime, unit: timedelta) -> datetime:
+    floor = _floor(at, unit)
+    return floor if floor == at else floor + unit
+
+
+def range_params(span: DateRange) -> dict[str, Any]:
+    """Cut `[start, end)` into raw edges, whole hours and whole days (all UTC)."""
+    start, end = span.start, span.end_exclusive
+    first_hour, last_hour = _ceil(start, HOUR), _floor(end, HOUR)
+    if first_hour >= last_hour:  # no whole hour: all of it is raw rows
+        first_hour = last_hour = end
+    first_day, last_day = _ceil(first_hour, DAY), _floor(last_hour, DAY)
+    if first_day >= last_day:  # no whole day: all whole hours come from hourly roll-ups
+        first_day = last_day = last_hour
+    return {
+        "start": start,
+        "end": end,
+        "first_hour": first_hour,
+        "last_hour": last_hour,
+        "first_day_at": first_day,
+        "last_day_at": last_day,
+        "first_day": first_day.date(),
+        "last_day": last_day.date(),
+    }
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    organization_id: str | None
+    user_id: str | None
+    span: DateRange | None
+
+
+def _metrics(row: Any) -> dict[str, Any]:
+    sms_out, sms_in, mms_out, mms_in, voice, voice_kb = (int(getattr(row, m)) for m in METRICS)
+    return {
+        "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
+        "mms": {"outbound": mms_out, "inbound": mms_in, "total": mms_out + mms_in},
+        "voice": {"seconds": voice, "kb_seconds": voice_kb, "total_seconds": voice + voice_kb},
+    }
+
+
+async def read_usage(
+    conn: AsyncConnection, principal: Principal, query: UsageQuery
+) -> dict[str, Any]:
+    """The `usage` object of the response, in the contract's key order."""
+    kind = "user" if query.user_id is not None else "organization"
+    params: dict[str, Any] = {
+        "organization_id": query.organization_id,
+        "user_id": query.user_id,
+        **principal.scope_params(),
+    }
+    if query.span is not None:
+        params.update(range_params(query.span))
+    row = (await conn.execute(_STATEMENTS[kind, query.span is not None], params)).first()
+    if row is None:
+        raise not_found(kind)
+
+    usage: dict[str, Any]
+    if kind == "user":
+        usage = {"user_id": row.id, "user_name": row.name, "user_email": row.email}
+    else:
+        usage = {"organization_id": row.id, "organization_name": row.name}
+    usage.update(_metrics(row))
+    if query.span is None:
+        usage["period"] = "all_time"
+    else:
+        usage["period"] = "custom"
+        usage["start_date"] = query.span.start_echo
+        usage["end_date"] = query.span.end_echo
+    return usage
