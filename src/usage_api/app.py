@@ -70,6 +70,7 @@ class _TooLarge(Exception):
 
 
 def _optional(value: str | None) -> str | None:
+    """An empty query parameter (`?start_date=`) counts as absent, as forms send them."""
     return value if value else None
 
 
@@ -94,7 +95,9 @@ def _model(model: type[BaseModel], body: Any) -> Any:
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_context=False)[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
-        raise bad_request(f"invalid {field}: {first['msg']}") from None
+        # pydantic prefixes the message of our own validators' ValueErrors with "Value error, ".
+        message = first["msg"].removeprefix("Value error, ")
+        raise bad_request(f"invalid {field}: {message}") from None
 
 
 def _upserted(kind: str, created: bool, entity: dict[str, Any]) -> JSONResponse:
@@ -150,6 +153,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         user_id = _checked_id(_optional(user_id), "user_id")
         if organization_id is None and user_id is None:
             raise bad_request("organization_id or user_id is required")
+        start_date, end_date = _optional(start_date), _optional(end_date)
         bounds = []
         for name, raw in (("start_date", start_date), ("end_date", end_date)):
             instant = parse_instant(raw) if raw is not None else None
@@ -196,7 +200,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
             }
         )
 
-    @app.put("/v1/partners/{partner_id}")
+    @app.put("/v1/partners/{partner_id:path}")
     async def put_partner_route(
         request: Request,
         engine: EngineDep,
@@ -205,26 +209,27 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     ) -> JSONResponse:
         """Create or rename a partner (admin keys)."""
         principal.require_write()
+        principal.require_admin()
         _checked_id(partner_id, "partner_id")
         body: PartnerIn = _model(PartnerIn, await _json_body(request))
         created, entity = await transact(engine, put_partner, principal, partner_id, body)
         return _upserted("partner", created, entity)
 
-    @app.put("/v1/organizations/{organization_id}")
+    @app.put("/v1/organizations/{organization_id:path}")
     async def put_organization_route(
         request: Request,
         engine: EngineDep,
         principal: CurrentKey,
         organization_id: Annotated[str, Path()],
     ) -> JSONResponse:
-        """Create or update an organization inside the key's scope."""
+        """Create or update an organization in the key's scope (no `partner_id`: keep it)."""
         principal.require_write()
         _checked_id(organization_id, "organization_id")
         body: OrganizationIn = _model(OrganizationIn, await _json_body(request))
         created, entity = await transact(engine, put_organization, principal, organization_id, body)
         return _upserted("organization", created, entity)
 
-    @app.put("/v1/users/{user_id}")
+    @app.put("/v1/users/{user_id:path}")
     async def put_user_route(
         request: Request,
         engine: EngineDep,

@@ -57,6 +57,10 @@ class Principal:
         if not self.can_write:
             raise ApiError(403, "API key does not have write permission")
 
+    def require_admin(self) -> None:
+        if self.scope != "admin":
+            raise ApiError(403, "API key does not have admin scope")
+
 
 _LOOKUP = text(
     "SELECT id, scope, partner_id, organization_id, can_write FROM api_keys"

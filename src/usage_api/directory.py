@@ -3,6 +3,8 @@
 What a key may not see reads as unknown (404), as everywhere. A partner key creates and
 updates organizations of its own partner; an organization key may only rename its own
 organization; only admin keys manage partners or move an organization between partners.
+An organization body without `partner_id` keeps the partner it has (on creation: the
+partner of a partner key, none for an admin key).
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ SELECT o.partner_id, {VISIBLE_ORGANIZATION} AS visible FROM organizations o WHER
 
 _PARTNER_EXISTS = text("SELECT 1 FROM partners WHERE id = :id")
 
-_UPSERT_ORGANIZATION = text("""
-INSERT INTO organizations (id, name, partner_id) VALUES (:id, :name, :partner_id)
+# The WHERE re-checks the scope on the row being updated: an organization another tenant
+# created since `_ORGANIZATION_SCOPE` looked is left alone (no row comes back).
+_UPSERT_ORGANIZATION = text(f"""
+INSERT INTO organizations AS o (id, name, partner_id) VALUES (:id, :name, :partner_id)
 ON CONFLICT (id) DO UPDATE SET name = excluded.name, partner_id = excluded.partner_id,
     updated_at = now()
+WHERE {VISIBLE_ORGANIZATION}
 RETURNING id, name, partner_id, (xmax = 0) AS created
 """)
 
@@ -53,17 +58,32 @@ FROM users u JOIN organizations o ON o.id = u.organization_id WHERE u.id = :id
 """)
 
 
-def _admin_only(principal: Principal) -> None:
-    if principal.scope != "admin":
-        raise ApiError(403, "API key does not have admin scope")
-
-
 async def put_partner(
     conn: AsyncConnection, principal: Principal, partner_id: str, body: PartnerIn
 ) -> tuple[bool, dict[str, Any]]:
-    _admin_only(principal)
+    principal.require_admin()
     row = (await conn.execute(_UPSERT_PARTNER, {"id": partner_id, "name": body.name})).one()
     return row.created, {"id": row.id, "name": row.name}
+
+
+async def _partner_for(
+    conn: AsyncConnection, principal: Principal, existing: Any, body: OrganizationIn
+) -> str | None:
+    """The partner the organization will have, if this key may give it that one."""
+    current = existing.partner_id if existing is not None else principal.partner_id
+    if "partner_id" not in body.model_fields_set:
+        return current
+    requested = body.partner_id
+    if principal.scope == "admin":
+        if requested is not None and await conn.scalar(_PARTNER_EXISTS, {"id": requested}) is None:
+            raise not_found("partner")
+        return requested
+    if requested == current:
+        return requested
+    if requested is None:
+        raise ApiError(403, "only admin keys may change an organization's partner")
+    # Partners other than its own do not exist for a partner or organization key.
+    raise not_found("partner")
 
 
 async def put_organization(
@@ -75,22 +95,15 @@ async def put_organization(
         existing is None and principal.scope == "organization"
     ):
         raise not_found("organization")
-    if principal.scope == "partner":
-        partner_allowed = body.partner_id == principal.partner_id
-    elif principal.scope == "organization":
-        partner_allowed = existing is not None and body.partner_id == existing.partner_id
-    else:
-        partner_allowed = body.partner_id is None or (
-            await conn.scalar(_PARTNER_EXISTS, {"id": body.partner_id}) is not None
-        )
-    if not partner_allowed:
-        raise not_found("partner")
+    partner_id = await _partner_for(conn, principal, existing, body)
     row = (
         await conn.execute(
             _UPSERT_ORGANIZATION,
-            {"id": organization_id, "name": body.name, "partner_id": body.partner_id},
+            {"id": organization_id, "name": body.name, "partner_id": partner_id, **scope},
         )
-    ).one()
+    ).first()
+    if row is None:
+        raise not_found("organization")
     return row.created, {"id": row.id, "name": row.name, "partner_id": row.partner_id}
 
 

@@ -35,6 +35,14 @@ def _name(value: str) -> str:
     return value
 
 
+def _no_display_name(value: Any) -> Any:
+    # EmailStr also takes `John <john@example.com>` and quietly keeps the address; an
+    # email field wants the address alone. `<` and `>` are never part of a valid one here.
+    if isinstance(value, str) and ("<" in value or ">" in value):
+        raise ValueError("must be an email address alone, without a display name")
+    return value
+
+
 def _instant(value: Any) -> Any:
     if not isinstance(value, str):
         return value  # let the strict datetime check reject it
@@ -107,4 +115,4 @@ class UserIn(BaseModel):
 
     organization_id: Id
     name: Name
-    email: Annotated[EmailStr, StringConstraints(max_length=320)]
+    email: Annotated[EmailStr, BeforeValidator(_no_display_name), StringConstraints(max_length=320)]

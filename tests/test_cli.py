@@ -1,0 +1,236 @@
+"""The `usage-api` command line, run in-process against the test database.
+
+Commands call `asyncio.run`, so async tests run them in a worker thread. Only what a
+script wants (a key, a listing) goes to stdout; everything for humans goes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner, Result
+
+from tests.factories import make_organization, make_partner
+from usage_api.cli import app
+from usage_api.config import get_settings
+from usage_api.demo import ORGANIZATION_ID, USER_ID
+
+KEY_LINE = re.compile(r"usk_[A-Za-z0-9_-]+\n")
+USAGE = "/v1/analytics/usage"
+
+Cli = Callable[..., Awaitable[Result]]
+
+
+@pytest.fixture
+def cli(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """Run `usage-api ARGS...` on the test database; settings are read afresh."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    runner = CliRunner()
+
+    async def invoke(*args: str) -> Result:
+        return await asyncio.to_thread(lambda: runner.invoke(app, list(args)))
+
+    yield invoke
+    get_settings.cache_clear()
+
+
+async def status_of(client: httpx.AsyncClient, key: str, organization_id: str) -> int:
+    response = await client.get(
+        USAGE, params={"organization_id": organization_id}, headers={"X-API-Key": key}
+    )
+    return response.status_code
+
+
+async def test_migrate_exits_0(cli: Cli) -> None:
+    result = await cli("migrate")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+
+
+async def test_keys_create_prints_only_a_working_admin_key(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine)
+    result = await cli("keys", "create", "--scope", "admin", "--name", "ops")
+    assert result.exit_code == 0, result.output
+    assert KEY_LINE.fullmatch(result.stdout)
+    assert "Store it now" in result.stderr
+    assert await status_of(client, result.stdout.strip(), organization_id) == 200
+
+
+async def test_keys_create_partner_write_key(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    partner_id = await make_partner(engine)
+    mine = await make_organization(engine, partner_id=partner_id)
+    other = await make_organization(engine)
+    result = await cli("keys", "create", "--scope", "partner", "--partner", partner_id, "--write")
+    assert result.exit_code == 0, result.output
+    assert KEY_LINE.fullmatch(result.stdout)
+    key = result.stdout.strip()
+    assert await status_of(client, key, mine) == 200
+    assert await status_of(client, key, other) == 404
+    response = await client.put(
+        "/v1/organizations/new", json={"name": "New"}, headers={"X-API-Key": key}
+    )
+    assert response.status_code == 201
+
+
+async def test_keys_create_organization_read_key(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine)
+    result = await cli(
+        "keys", "create", "--scope", "organization", "--organization", organization_id
+    )
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()
+    assert await status_of(client, key, organization_id) == 200
+    response = await client.put(
+        f"/v1/organizations/{organization_id}", json={"name": "X"}, headers={"X-API-Key": key}
+    )
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--scope", "root"],
+        ["--scope", "partner"],
+        ["--scope", "organization"],
+        ["--scope", "admin", "--partner", "p1"],
+        ["--scope", "admin", "--organization", "o1"],
+        ["--scope", "partner", "--partner", "p1", "--organization", "o1"],
+        ["--scope", "organization", "--partner", "p1"],
+        [],
+    ],
+)
+async def test_keys_create_rejects_invalid_combinations(cli: Cli, args: list[str]) -> None:
+    result = await cli("keys", "create", *args)
+    assert result.exit_code != 0
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("scope", ["partner", "organization"])
+async def test_keys_create_for_an_unknown_target_fails(cli: Cli, scope: str) -> None:
+    result = await cli("keys", "create", "--scope", scope, f"--{scope}", "no-such-id")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "could not create the key" in result.stderr
+
+
+async def test_keys_list_shows_keys_but_never_the_keys_themselves(
+    cli: Cli, engine: AsyncEngine
+) -> None:
+    partner_id = await make_partner(engine)
+    admin = (await cli("keys", "create", "--scope", "admin", "--name", "ops")).stdout.strip()
+    partner = (
+        await cli("keys", "create", "--scope", "partner", "--partner", partner_id, "--write")
+    ).stdout.strip()
+    result = await cli("keys", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split("\t")[2:] == ["admin", "-", "read", "active", "ops"]
+    assert lines[1].split("\t")[2:] == ["partner", partner_id, "write", "active", ""]
+    assert admin not in result.output
+    assert partner not in result.output
+
+
+async def test_keys_revoke_makes_the_key_invalid(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine)
+    key = (await cli("keys", "create", "--scope", "admin")).stdout.strip()
+    key_id = (await cli("keys", "list")).stdout.split("\t")[0]
+    result = await cli("keys", "revoke", key_id)
+    assert result.exit_code == 0, result.output
+    response = await client.get(
+        USAGE, params={"organization_id": organization_id}, headers={"X-API-Key": key}
+    )
+    assert (response.status_code, response.json()) == (
+        401,
+        {"success": False, "error": "invalid API key"},
+    )
+    listing = (await cli("keys", "list")).stdout
+    assert listing.split("\t")[5] == "revoked"
+
+
+async def test_keys_revoke_of_an_unknown_id_fails(cli: Cli) -> None:
+    result = await cli("keys", "revoke", "no-such-key")
+    assert result.exit_code == 1
+    assert "no key with id no-such-key" in result.stderr
+
+
+async def test_demo_prints_a_key_that_reads_the_seed_numbers(
+    cli: Cli, client: httpx.AsyncClient
+) -> None:
+    result = await cli("demo")
+    assert result.exit_code == 0, result.output
+    assert KEY_LINE.fullmatch(result.stdout)
+    headers = {"X-API-Key": result.stdout.strip()}
+    response = await client.get(USAGE, params={"organization_id": ORGANIZATION_ID}, headers=headers)
+    assert response.json() == {
+        "success": True,
+        "usage": {
+            "organization_id": ORGANIZATION_ID,
+            "organization_name": "Acme Corp",
+            "sms": {"outbound": 12450, "inbound": 3821, "total": 16271},
+            "mms": {"outbound": 245, "inbound": 67, "total": 312},
+            "voice": {"seconds": 45678, "kb_seconds": 12345, "total_seconds": 58023},
+            "period": "all_time",
+        },
+        "powered_by": "Teli",
+    }
+    response = await client.get(USAGE, params={"user_id": USER_ID}, headers=headers)
+    usage = response.json()["usage"]
+    assert (usage["user_id"], usage["user_name"], usage["user_email"]) == (
+        USER_ID,
+        "John Smith",
+        "john@example.com",
+    )
+    # The key is a read key of the demo organization only.
+    response = await client.put(
+        f"/v1/organizations/{ORGANIZATION_ID}", json={"name": "X"}, headers=headers
+    )
+    assert response.status_code == 403
+
+
+async def test_demo_is_idempotent(cli: Cli, client: httpx.AsyncClient) -> None:
+    first = await cli("demo")
+    second = await cli("demo")
+    assert second.exit_code == 0, second.output
+    assert second.stdout != first.stdout
+    response = await client.get(
+        USAGE,
+        params={"organization_id": ORGANIZATION_ID},
+        headers={"X-API-Key": second.stdout.strip()},
+    )
+    assert response.json()["usage"]["sms"] == {"outbound": 12450, "inbound": 3821, "total": 16271}
+
+
+async def test_console_script_prints_the_key_alone_on_stdout(
+    database_url: str, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """The installed `usage-api`, as a script calls it: stdout is the key and nothing else."""
+    organization_id = await make_organization(engine)
+    process = await asyncio.create_subprocess_exec(
+        Path(sys.executable).with_name("usage-api"),
+        *["keys", "create", "--scope", "admin"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert KEY_LINE.fullmatch(stdout.decode())
+    assert await status_of(client, stdout.decode().strip(), organization_id) == 200

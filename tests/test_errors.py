@@ -1,0 +1,496 @@
+"""Every row of the contract's error table (2.4), and the order in which checks run.
+
+Each test asserts the exact status and the exact body `{"success": false, "error": ...}`,
+and the headers the contract promises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.factories import event, make_key, make_organization, make_user
+from usage_api.app import create_app
+from usage_api.config import Settings
+from usage_api.dates import utc_now
+
+USAGE = "/v1/analytics/usage"
+DATE_MESSAGE = "{} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z"
+UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/nope"
+
+
+def error(message: str) -> dict[str, Any]:
+    return {"success": False, "error": message}
+
+
+def assert_error(response: httpx.Response, status: int, message: str) -> None:
+    assert (response.status_code, response.json()) == (status, error(message))
+    assert response.headers["content-type"] == "application/json"
+
+
+@pytest.fixture
+async def key(engine: AsyncEngine) -> str:
+    return await make_key(engine)
+
+
+@pytest.fixture
+async def organization_id(engine: AsyncEngine) -> str:
+    return await make_organization(engine, "Acme Corp")
+
+
+async def usage(client: httpx.AsyncClient, key: str | None, **params: str) -> httpx.Response:
+    headers = {"X-API-Key": key} if key is not None else {}
+    return await client.get(USAGE, params=params, headers=headers)
+
+
+async def answers(
+    client: httpx.AsyncClient, key: str, queries: dict[str, str]
+) -> dict[str, tuple[int, Any]]:
+    """`(status, body)` of the usage read with each raw query string, by name."""
+    results = {}
+    for name, query in queries.items():
+        response = await client.get(f"{USAGE}?{query}", headers={"X-API-Key": key})
+        results[name] = (response.status_code, response.json())
+    return results
+
+
+# 400: missing ids
+
+
+async def test_usage_without_ids_is_400(client: httpx.AsyncClient, key: str) -> None:
+    queries = ["", "organization_id=", "organization_id=&user_id=", "org_id=x&start_date=y"]
+    assert await answers(client, key, dict(zip(queries, queries, strict=True))) == {
+        query: (400, error("organization_id or user_id is required")) for query in queries
+    }
+
+
+# 400: malformed ids
+
+MALFORMED_IDS = {
+    "space-inside": "a b",
+    "space-only": " ",
+    "leading-space": " 1767623610019x414651971228139500",
+    "129-chars": "x" * 129,
+    "tab": "a\tb",
+    "newline": "a\nb",
+    "del": "a\x7fb",
+    "non-ascii": "caf\u00e9",
+    "emoji": "\U0001f600",
+}
+
+
+@pytest.mark.parametrize("field", ["organization_id", "user_id"])
+async def test_malformed_id_is_400(client: httpx.AsyncClient, key: str, field: str) -> None:
+    queries = {name: urlencode({field: value}) for name, value in MALFORMED_IDS.items()}
+    # Percent-encoded NUL, invalid UTF-8 and non-ASCII.
+    queries |= {raw: f"{field}={raw}" for raw in ["%00", "a%00b", "%FF", "%C3%A9"]}
+    assert await answers(client, key, queries) == {
+        name: (400, error(f"invalid {field}")) for name in queries
+    }
+
+
+async def test_id_of_128_visible_characters_is_well_formed(
+    client: httpx.AsyncClient, key: str
+) -> None:
+    longest = "!~" * 64
+    assert_error(await usage(client, key, organization_id=longest), 404, "organization not found")
+
+
+# 400: malformed dates, empty range
+
+MALFORMED_DATES = [
+    "yesterday",
+    "2026-02-30",
+    "2026-13-01",
+    "2026-2-1",
+    "20260210",
+    "2026-02-10 00:00:00",
+    "2026-02-10T24:00:00Z",
+    "2026-02-10T00:00:00+25:00",
+    "2026-02-10T00",
+    "2026-02-10T00:00:00ZZ",
+    "1770681600",
+]
+
+
+@pytest.mark.parametrize("field", ["start_date", "end_date"])
+async def test_malformed_date_is_400(
+    client: httpx.AsyncClient, key: str, organization_id: str, field: str
+) -> None:
+    queries = {
+        value: urlencode({"organization_id": organization_id, field: value})
+        for value in MALFORMED_DATES
+    }
+    assert await answers(client, key, queries) == {
+        value: (400, error(DATE_MESSAGE.format(field))) for value in MALFORMED_DATES
+    }
+
+
+async def test_start_date_is_checked_before_end_date(
+    client: httpx.AsyncClient, key: str, organization_id: str
+) -> None:
+    response = await usage(
+        client, key, organization_id=organization_id, start_date="x", end_date="y"
+    )
+    assert_error(response, 400, DATE_MESSAGE.format("start_date"))
+
+
+EMPTY_RANGES = [
+    ("2026-03-12", "2026-03-11"),
+    ("2026-03-12T00:00:01Z", "2026-03-12T00:00:00.5Z"),
+    ("2026-03-12T10:00:00.5Z", "2026-03-12T10:00:00.4Z"),
+    ("2026-03-12T10:00:00+01:00", "2026-03-12T08:59:59Z"),
+]
+
+
+async def test_empty_range_is_400(
+    client: httpx.AsyncClient, key: str, organization_id: str
+) -> None:
+    queries = {
+        f"{start}..{end}": urlencode(
+            {"organization_id": organization_id, "start_date": start, "end_date": end}
+        )
+        for start, end in EMPTY_RANGES
+    }
+    assert await answers(client, key, queries) == {
+        name: (400, error("start_date must not be after end_date")) for name in queries
+    }
+
+
+async def test_range_of_one_day_or_one_second_is_not_empty(
+    client: httpx.AsyncClient, key: str, organization_id: str
+) -> None:
+    for start, end in [("2026-03-12", "2026-03-12"), ("2026-03-12T10:00:00Z",) * 2]:
+        response = await usage(
+            client, key, organization_id=organization_id, start_date=start, end_date=end
+        )
+        assert response.status_code == 200
+
+
+async def test_empty_dates_count_as_absent(
+    client: httpx.AsyncClient, key: str, organization_id: str
+) -> None:
+    response = await usage(client, key, organization_id=organization_id, start_date="", end_date="")
+    assert response.status_code == 200
+    assert response.json()["usage"]["period"] == "all_time"
+
+
+# 401: no key, unknown, revoked or expired key
+
+
+async def test_missing_key_is_401(client: httpx.AsyncClient, organization_id: str) -> None:
+    response = await usage(client, None, organization_id=organization_id)
+    assert_error(response, 401, "X-API-Key header is required")
+
+
+async def test_empty_key_header_is_like_a_missing_one(
+    client: httpx.AsyncClient, organization_id: str
+) -> None:
+    response = await usage(client, "", organization_id=organization_id)
+    assert_error(response, 401, "X-API-Key header is required")
+
+
+async def test_unknown_revoked_and_expired_keys_are_401(
+    client: httpx.AsyncClient, engine: AsyncEngine, organization_id: str
+) -> None:
+    expired = await make_key(engine, expires_at=utc_now() - timedelta(seconds=1))
+    revoked = await make_key(engine)
+    await _revoke(engine, revoked)
+    for key in ["usk_unknown", "not even a key", expired, revoked]:
+        response = await usage(client, key, organization_id=organization_id)
+        assert_error(response, 401, "invalid API key")
+
+
+async def _revoke(engine: AsyncEngine, key: str) -> None:
+    from sqlalchemy import text
+
+    from usage_api.auth import hash_key
+
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE api_keys SET revoked_at = now() WHERE key_hash = :hash"),
+            {"hash": hash_key(key)},
+        )
+
+
+# 403: read key on a write route
+
+WRITE_ROUTES = [
+    ("POST", "/v1/usage/events"),
+    ("PUT", "/v1/partners/p1"),
+    ("PUT", "/v1/organizations/o1"),
+    ("PUT", "/v1/users/u1"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), WRITE_ROUTES)
+async def test_read_key_on_write_route_is_403(
+    client: httpx.AsyncClient, key: str, method: str, path: str
+) -> None:
+    # The permission is checked before the body is looked at: this one is not even JSON.
+    response = await client.request(method, path, content=b"{", headers={"X-API-Key": key})
+    assert_error(response, 403, "API key does not have write permission")
+
+
+# 404: unknown ids, unknown routes
+
+
+async def test_unknown_organization_is_404(client: httpx.AsyncClient, key: str) -> None:
+    assert_error(await usage(client, key, organization_id="nope"), 404, "organization not found")
+
+
+async def test_unknown_user_is_404(
+    client: httpx.AsyncClient, key: str, organization_id: str
+) -> None:
+    assert_error(await usage(client, key, user_id="nope"), 404, "user not found")
+    response = await usage(client, key, user_id="nope", organization_id=organization_id)
+    assert_error(response, 404, "user not found")
+
+
+async def test_user_of_another_organization_is_404(
+    client: httpx.AsyncClient, engine: AsyncEngine, key: str, organization_id: str
+) -> None:
+    other = await make_organization(engine, "Other")
+    user_id = await make_user(engine, other)
+    response = await usage(client, key, user_id=user_id, organization_id=organization_id)
+    assert_error(response, 404, "user not found")
+    response = await usage(client, key, user_id=user_id, organization_id="nope")
+    assert_error(response, 404, "user not found")
+
+
+UNKNOWN_ROUTES = [
+    ("GET", "/"),
+    ("GET", "/nope"),
+    ("GET", "/v1"),
+    ("GET", "/v1/analytics"),
+    ("GET", "/v1/analytics/usage/extra"),
+    ("POST", "/v2/usage/events"),
+    ("PUT", "/v1/teams/t1"),
+    ("DELETE", "/v1/nope"),
+]
+
+
+async def test_unknown_route_is_404(client: httpx.AsyncClient) -> None:
+    results = {}
+    for method, path in UNKNOWN_ROUTES:
+        response = await client.request(method, path)
+        results[method, path] = (response.status_code, response.json())
+    assert results == {route: (404, error("not found")) for route in UNKNOWN_ROUTES}
+
+
+# 405: wrong method
+
+
+WRONG_METHODS = [
+    ("DELETE", USAGE, "GET"),
+    ("POST", USAGE, "GET"),
+    ("PUT", USAGE, "GET"),
+    ("GET", "/v1/usage/events", "POST"),
+    ("PATCH", "/v1/usage/events", "POST"),
+    ("GET", "/v1/partners/p1", "PUT"),
+    ("POST", "/v1/organizations/o1", "PUT"),
+    ("DELETE", "/v1/users/u1", "PUT"),
+    ("POST", "/healthz", "GET"),
+]
+
+
+async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None:
+    results = {}
+    for method, path, _ in WRONG_METHODS:
+        response = await client.request(method, path)
+        results[method, path] = (response.status_code, response.json(), response.headers["allow"])
+    assert results == {
+        (method, path): (405, error("method not allowed"), allow)
+        for method, path, allow in WRONG_METHODS
+    }
+
+
+# 413: body over 1 MiB
+
+
+async def test_body_over_one_mib_is_413(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    key = await make_key(engine, write=True)
+    body = b"{" + b" " * (1024 * 1024) + b"}"
+    response = await client.post("/v1/usage/events", content=body, headers={"X-API-Key": key})
+    assert_error(response, 413, "request body too large")
+
+
+async def test_streamed_body_over_one_mib_is_413(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """Without a Content-Length the limit is enforced while the body is read."""
+    key = await make_key(engine, write=True)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(17):
+            yield b" " * 65536
+
+    response = await client.post("/v1/usage/events", content=chunks(), headers={"X-API-Key": key})
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "request body too large")
+
+
+async def test_body_of_exactly_one_mib_is_read(
+    client: httpx.AsyncClient, engine: AsyncEngine, organization_id: str
+) -> None:
+    key = await make_key(engine, write=True)
+    body = httpx.Request("POST", "/", json={"events": [event(organization_id)]}).content
+    body += b" " * (1024 * 1024 - len(body))
+    response = await client.post("/v1/usage/events", content=body, headers={"X-API-Key": key})
+    assert response.json() == {"success": True, "accepted": 1, "duplicates": 0, "conflicts": []}
+
+
+# 503: database unavailable
+
+
+@pytest.fixture
+async def unavailable_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, UNREACHABLE_DATABASE)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", f"{USAGE}?organization_id=o1", None),
+        ("POST", "/v1/usage/events", {"events": [event("o1")]}),
+        ("PUT", "/v1/organizations/o1", {"name": "Acme Corp"}),
+        ("GET", "/readyz", None),
+    ],
+)
+async def test_unreachable_database_is_503_with_retry_after(
+    unavailable_client: httpx.AsyncClient, method: str, path: str, body: Any
+) -> None:
+    response = await unavailable_client.request(
+        method, path, json=body, headers={"X-API-Key": "usk_anything"}
+    )
+    assert_error(response, 503, "service temporarily unavailable")
+    assert int(response.headers["retry-after"]) > 0
+
+
+async def test_healthz_answers_without_the_database(
+    unavailable_client: httpx.AsyncClient,
+) -> None:
+    response = await unavailable_client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+async def test_readyz_answers_when_the_database_does(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+# 500: anything unexpected
+
+
+@pytest.fixture
+async def failing_app(database_url: str, settings: Settings) -> AsyncIterator[FastAPI]:
+    app = create_app(settings, database_url)
+
+    @app.get("/v1/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret detail: password=hunter2")
+
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def failing_client(failing_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    # Starlette's ServerErrorMiddleware sends the handler's response, then re-raises for
+    # the server to log; a real server keeps the response, so the transport must too.
+    transport = httpx.ASGITransport(app=failing_app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+def error_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.ERROR, logger="usage_api"):
+        yield caplog
+
+
+async def test_unexpected_error_is_500_without_details(
+    failing_client: httpx.AsyncClient, error_log: pytest.LogCaptureFixture
+) -> None:
+    response = await failing_client.get("/v1/boom")
+    assert_error(response, 500, "internal error")
+    assert response.content == b'{"success":false,"error":"internal error"}'
+    # The details are in the server log only.
+    assert "Traceback" in error_log.text
+    assert "secret detail" in error_log.text
+
+
+async def test_unexpected_error_in_a_usage_read_is_500(
+    failing_client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    error_log: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(*_: Any) -> None:
+        raise ValueError("secret detail")
+
+    key = await make_key(engine)
+    monkeypatch.setattr("usage_api.app.read_usage", broken)
+    response = await failing_client.get(
+        USAGE, params={"organization_id": "o1"}, headers={"X-API-Key": key}
+    )
+    assert_error(response, 500, "internal error")
+    assert "secret detail" in error_log.text
+
+
+# The order of checks: key, then ids, then dates, then lookup.
+
+
+async def test_key_is_checked_before_ids(client: httpx.AsyncClient) -> None:
+    response = await usage(client, None, organization_id="a b")
+    assert_error(response, 401, "X-API-Key header is required")
+    response = await usage(client, "usk_unknown", user_id="a b", start_date="x")
+    assert_error(response, 401, "invalid API key")
+
+
+async def test_key_is_checked_before_missing_ids(client: httpx.AsyncClient) -> None:
+    assert_error(await usage(client, "usk_unknown"), 401, "invalid API key")
+
+
+async def test_ids_are_checked_before_dates(client: httpx.AsyncClient, key: str) -> None:
+    response = await usage(client, key, organization_id="a b", start_date="x")
+    assert_error(response, 400, "invalid organization_id")
+    response = await usage(client, key, start_date="x")
+    assert_error(response, 400, "organization_id or user_id is required")
+
+
+async def test_organization_id_is_checked_before_user_id(
+    client: httpx.AsyncClient, key: str
+) -> None:
+    response = await usage(client, key, organization_id="a b", user_id="c d")
+    assert_error(response, 400, "invalid organization_id")
+
+
+async def test_dates_are_checked_before_lookup(client: httpx.AsyncClient, key: str) -> None:
+    response = await usage(client, key, organization_id="nope", end_date="x")
+    assert_error(response, 400, DATE_MESSAGE.format("end_date"))
+    response = await usage(
+        client, key, user_id="nope", start_date="2026-03-12", end_date="2026-03-11"
+    )
+    assert_error(response, 400, "start_date must not be after end_date")
+
+
+async def test_write_permission_is_checked_before_the_body(
+    client: httpx.AsyncClient, key: str
+) -> None:
+    response = await client.post(
+        "/v1/usage/events", json={"events": []}, headers={"X-API-Key": key}
+    )
+    assert_error(response, 403, "API key does not have write permission")
