@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 _INSTANT = re.compile(
     r"(?P<date>\d{4}-\d{2}-\d{2})"
     r"(?:T(?P<hour>\d{2}):(?P<minute>\d{2})"
-    r"(?::(?P<second>\d{2})(?:\.(?P<fraction>\d{1,9}))?)?"
+    r"(?::(?P<second>\d{2})(?:\.(?P<fraction>\d+))?)?"
     r"(?P<offset>Z|[+-]\d{2}:\d{2})?)?",
     re.ASCII,
 )
@@ -19,9 +19,12 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# Earliest and latest instants a range can reach; an open side stands for these.
+# Earliest and latest instants a query reaches; an open side stands for these. No event
+# lies past MAX_INSTANT (ingestion takes none from the future), so clamping a bound to it
+# changes no sum, and whole days up to it never overflow a datetime.
 MIN_INSTANT = datetime(1, 1, 1, tzinfo=UTC)
 MAX_INSTANT = datetime(9999, 12, 31, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ def parse_instant(value: str, *, require_time: bool = False) -> Instant | None:
         if match["hour"] is None:
             return Instant(datetime(year, month, day, tzinfo=UTC), timedelta(days=1))
         fraction = match["fraction"]
+        # Time is kept in microseconds: finer digits are truncated, for events and bounds alike.
         micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
         local = datetime(
             year,
@@ -86,39 +90,30 @@ class DateRange:
 
 
 def _echo(at: datetime, with_fraction: bool) -> str:
-    text = at.strftime("%Y-%m-%dT%H:%M:%S")
-    if with_fraction:
-        text += f".{at.microsecond:06d}"
-    return text + "Z"
+    # isoformat, not strftime: %Y does not pad years before 1000 on every platform.
+    timespec = "microseconds" if with_fraction else "seconds"
+    return at.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
 
 
 def make_range(start: Instant | None, end: Instant | None) -> DateRange | None:
     """The range two bounds denote; None when it is empty."""
-    lower = start.at if start else MIN_INSTANT
-    if end is None:
-        upper = MAX_INSTANT
-    elif end.unit is None:
-        # An instant with a fraction is covered exactly: nudge the exclusive end past it.
-        upper = end.at + timedelta(microseconds=1)
-    else:
-        try:
-            upper = min(end.at + end.unit, MAX_INSTANT)
-        except OverflowError:
-            upper = MAX_INSTANT
-    if lower >= upper:
-        return None
+    lower = min(start.at, MAX_INSTANT) if start else MIN_INSTANT
+    upper = MAX_INSTANT
+    end_echo = None
+    if end is not None:
+        # An end with a fraction covers exactly its instant: up to the next microsecond.
+        unit = end.unit or _MICROSECOND
+        # A difference, unlike `end.at + unit`, cannot overflow near the end of year 9999.
+        if start is not None and start.at - end.at >= unit:
+            return None
+        if end.at < MAX_INSTANT - unit:
+            upper = end.at + unit
+        # A bound without a fraction lies on its unit, so its last second is representable.
+        last = end.at if end.unit is None else end.at + (end.unit - timedelta(seconds=1))
+        end_echo = _echo(last, end.unit is None)
     return DateRange(
         start=lower,
         end_exclusive=upper,
         start_echo=_echo(start.at, start.has_fraction) if start else None,
-        end_echo=_last_covered(end) if end else None,
+        end_echo=end_echo,
     )
-
-
-def _last_covered(end: Instant) -> str:
-    if end.unit is None:
-        return _echo(end.at, True)
-    try:
-        return _echo(end.at + end.unit - timedelta(seconds=1), False)
-    except OverflowError:
-        return "9999-12-31T23:59:59Z"
