@@ -13,12 +13,23 @@ async def test_ingested_events_are_counted_at_once(
     key = await make_key(engine, write=True)
     response = await client.post(
         "/v1/usage/events",
-        json={"events": [event(organization_id, quantity=3), event(organization_id, "c", type="voice", quantity=60, knowledge_base=True)]},
+        json={
+            "events": [
+                event(organization_id, quantity=3),
+                event(organization_id, "c", type="voice", quantity=60, knowledge_base=True),
+            ]
+        },
         headers={"X-API-Key": key},
     )
     assert response.json() == {"success": True, "accepted": 2, "duplicates": 0, "conflicts": []}
     response = await client.get(
-        "/v1/analytics/usage", params={"organization_id": organization_id}, headers={"X-API-Key": key}
+        "/v1/analytics/usage",
+        params={"organization_id": organization_id},
+        headers={"X-API-Key": key},
     )
     assert response.json()["usage"]["sms"] == {"outbound": 3, "inbound": 0, "total": 3}
-    assert response.json()["usage"]["voice"] == {"seconds": 0, "kb_seconds": 60, "total_seconds": 60}
+    assert response.json()["usage"]["voice"] == {
+        "seconds": 0,
+        "kb_seconds": 60,
+        "total_seconds": 60,
+    }
