@@ -82,9 +82,15 @@ def _checked_id(value: str | None, name: str) -> str | None:
 
 async def _json_body(request: Request) -> Any:
     try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+        return json.loads(await request.body(), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deep enough to exhaust the parser's stack is not a
+        # document any client means to send.
         raise bad_request("request body must be valid JSON") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _model(model: type[BaseModel], body: Any) -> Any:

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -88,6 +89,14 @@ class IngestResult:
     conflicts: list[str] = field(default_factory=list)
 
 
+def _message(error: ErrorDetails) -> str:
+    # pydantic prefixes the message of our own validators' ValueErrors with "Value error, ".
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    return message
+
+
 def parse_events(raw: Any) -> list[UsageEventIn]:
     """Validate a batch; a 400 naming every bad event if any is."""
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_EVENTS:
@@ -106,7 +115,7 @@ def parse_events(raw: Any) -> list[UsageEventIn]:
                 {
                     "index": index,
                     "field": ".".join(str(part) for part in error["loc"]) or "event",
-                    "error": error["msg"],
+                    "error": _message(error),
                 }
                 for error in exc.errors(include_url=False, include_context=False)
             )
@@ -175,21 +184,21 @@ async def ingest(
 
     # The first event of each (organization, id) is the one offered for insertion; any
     # repeat in the same batch is then judged against what got stored, like a retry.
-    first: dict[tuple[str, str], UsageEventIn] = {}
-    repeats: list[UsageEventIn] = []
+    offered: dict[tuple[str, str], UsageEventIn] = {}
     for event in events:
-        key = (event.organization_id, event.id)
-        if key in first:
-            repeats.append(event)
-        else:
-            first[key] = event
-    offered = list(first.values())
+        offered.setdefault((event.organization_id, event.id), event)
     inserted = {
-        (row.organization_id, row.id) for row in await conn.execute(_INSERT, _columns(offered))
+        (row.organization_id, row.id)
+        for row in await conn.execute(_INSERT, _columns(list(offered.values())))
     }
+    # In batch order, so that conflicts are listed in the order they were sent.
+    not_applied = [
+        event
+        for event in events
+        if (key := (event.organization_id, event.id)) not in inserted or offered[key] is not event
+    ]
 
     result = IngestResult(accepted=len(inserted))
-    not_applied = [e for e in offered if (e.organization_id, e.id) not in inserted] + repeats
     if not_applied:
         conflicting = set((await conn.scalars(_CONFLICTS, _columns(not_applied))).all())
         result.duplicates = len(not_applied) - len(conflicting)
