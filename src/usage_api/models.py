@@ -25,7 +25,6 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
-    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -138,6 +137,11 @@ class ApiKey(Base):
 
 
 class UsageEvent(Base):
+    """One accepted event. Its organization and user are checked by ingest in the same
+    transaction, not by foreign keys: a foreign key check takes a KEY SHARE lock on the
+    organization's row for every event, so concurrent writers to one organization would
+    all meet on that row (and its multixacts). Organizations and users are never deleted."""
+
     __tablename__ = "usage_events"
     __table_args__ = (
         CheckConstraint("type IN ('sms', 'mms', 'voice')", name="type"),
@@ -147,11 +151,6 @@ class UsageEvent(Base):
             " OR (type <> 'voice' AND segments IS NOT NULL AND seconds IS NULL"
             " AND NOT knowledge_base)",
             name="quantity",
-        ),
-        ForeignKeyConstraint(
-            ["organization_id", "user_id"],
-            ["users.organization_id", "users.id"],
-            name="fk_usage_events_user_users",
         ),
         # Range edges sum raw rows; the INCLUDE columns make that an index-only scan.
         Index(
@@ -170,9 +169,7 @@ class UsageEvent(Base):
         ),
     )
 
-    organization_id: Mapped[str] = mapped_column(
-        String(128), ForeignKey("organizations.id"), primary_key=True
-    )
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     user_id: Mapped[str | None] = mapped_column(String(128))
     type: Mapped[str] = mapped_column(String(8))
