@@ -33,6 +33,7 @@ class Settings:
     max_body_bytes: int
     rollup_interval_ms: int
     docs_enabled: bool
+    metrics_enabled: bool
     log_level: str
 
     @classmethod
@@ -45,6 +46,7 @@ class Settings:
             max_body_bytes=_int("USAGE_API_MAX_BODY_BYTES", 1024 * 1024),
             rollup_interval_ms=_int("USAGE_API_ROLLUP_INTERVAL_MS", 500),
             docs_enabled=_bool("USAGE_API_DOCS", True),
+            metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
         )
 
