@@ -1,13 +1,25 @@
-"""The engine, and the one way requests and commands run a transaction."""
+"""The engine, and the one way requests and commands run a transaction.
+
+When the database goes away (a restart, a failover, a frozen host), no request waits
+longer than a few seconds and none is answered 500: connecting gives up after
+`CONNECT_TIMEOUT_S`, a statement after the server's `statement_timeout` or, if the
+server does not answer at all, `statement_timeout` + `_CLIENT_GRACE_S` on our side, and
+each of these becomes a 503 with Retry-After. Connections that died with the server are
+dropped when they are next checked out, without a round trip, so the first requests
+after a restart are served normally (see docs/reliability.md for the figures).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from usage_api.config import Settings
@@ -22,6 +34,16 @@ T = TypeVar("T")
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 _MAX_ATTEMPTS = 5
 
+# Longest wait for a new connection, and for a free one from a full pool.
+CONNECT_TIMEOUT_S = 5
+# How much longer than statement_timeout we wait for a server that does not answer at all
+# (frozen, or cut off by the network): the server's own timeout normally fires first.
+_CLIENT_GRACE_S = 1.0
+# During an outage every request fails the same way: say so once a second, not each time.
+_UNAVAILABLE_LOG_INTERVAL_S = 1.0
+_unavailable_logged_at = -_UNAVAILABLE_LOG_INTERVAL_S
+_unavailable_unlogged = 0
+
 
 def async_url(url: str) -> str:
     """`postgresql://...` as SQLAlchemy's asyncpg dialect wants it."""
@@ -32,16 +54,19 @@ def async_url(url: str) -> str:
 
 
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         async_url(url),
         pool_size=settings.pool_size,
-        max_overflow=settings.pool_size,
-        pool_timeout=5,
-        # A connection that died with the server is noticed on use and replaced;
-        # no ping round trip on every checkout.
+        # No overflow: connections opened past the pool's size are closed on return, and
+        # under load that churn (a new connection per request) costs more than waiting.
+        max_overflow=0,
+        pool_timeout=CONNECT_TIMEOUT_S,
+        # No pool_pre_ping: `_drop_closed` finds the connections a restart killed without
+        # a round trip; pre-ping would cost three (BEGIN, ping, ROLLBACK) per checkout.
         pool_recycle=3600,
         connect_args={
-            "timeout": 5,
+            "timeout": CONNECT_TIMEOUT_S,
+            "command_timeout": settings.statement_timeout_ms / 1000 + _CLIENT_GRACE_S,
             "server_settings": {
                 "application_name": "usage-api",
                 "statement_timeout": str(settings.statement_timeout_ms),
@@ -49,6 +74,51 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
             },
         },
     )
+    event.listen(engine.sync_engine, "checkout", _drop_closed)
+    event.listen(engine.sync_engine, "handle_error", _abandon_unanswered)
+    return engine
+
+
+def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection the server has closed (a restart, a terminated backend) is
+    replaced before anyone uses it; asyncpg saw the close happen, so this costs nothing."""
+    if dbapi_connection.driver_connection.is_closed():
+        # The pool reconnects this slot and hands out the new connection.
+        raise DisconnectionError("connection closed by the server")
+
+
+def _abandon_unanswered(context: ExceptionContext) -> None:
+    """A statement past command_timeout got no answer: close its connection at once.
+
+    SQLAlchemy would first try a polite close, waiting up to two more seconds for a server
+    that is not answering.
+    """
+    connection = context.connection
+    if (
+        isinstance(context.original_exception, TimeoutError)
+        and connection is not None
+        and not connection.invalidated
+    ):
+        driver = connection.connection.driver_connection
+        if driver is not None:
+            driver.terminate()
+
+
+def _unavailable(exc: BaseException) -> ServiceUnavailable:
+    """The 503 for `exc`, logged in one line (at most once a second: outages are loud)."""
+    global _unavailable_logged_at, _unavailable_unlogged
+    now = time.monotonic()
+    if now - _unavailable_logged_at < _UNAVAILABLE_LOG_INTERVAL_S:
+        _unavailable_unlogged += 1
+    else:
+        log.warning(
+            "database unavailable, answering 503 (%d more since the last report): %s: %s",
+            _unavailable_unlogged,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        _unavailable_logged_at, _unavailable_unlogged = now, 0
+    return ServiceUnavailable()
 
 
 async def transact(
@@ -74,11 +144,11 @@ async def transact(
                 await asyncio.sleep(0.005 * 2**attempt)
                 continue
             if is_unavailable(exc):
-                raise ServiceUnavailable() from exc
+                raise _unavailable(exc) from exc
             raise
         except Exception as exc:
             if is_unavailable(exc):
-                raise ServiceUnavailable() from exc
+                raise _unavailable(exc) from exc
             raise
     raise AssertionError("unreachable")
 
@@ -99,5 +169,5 @@ async def run_autocommit(
         raise
     except Exception as exc:
         if is_unavailable(exc):
-            raise ServiceUnavailable() from exc
+            raise _unavailable(exc) from exc
         raise

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -60,26 +61,36 @@ def not_found(kind: str) -> ApiError:
 
 
 # SQLSTATE classes that mean "the database is not there right now", not "this request is
-# wrong": connection exceptions (08), operator intervention such as shutdown or a
-# cancelled statement (57), and insufficient resources (53).
+# wrong": connection exceptions (08), operator intervention (57: shutting down, starting
+# up, a statement cancelled by statement_timeout) and insufficient resources (53: too many
+# connections, disk full).
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57", "53")
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Whether `exc` means the database is unreachable, restarting or too slow."""
-    if isinstance(exc, PoolTimeoutError | OSError | TimeoutError):
+    """Whether `exc` means the database is unreachable, restarting or too slow.
+
+    Looks at `exc` and what it wraps: SQLAlchemy's `orig` (the driver's error, which
+    carries the SQLSTATE) and explicit causes (`raise ... from`), whether asyncpg's
+    errors arrive wrapped by SQLAlchemy (as they do once connected) or bare.
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        # OSError: refused, reset, unreachable; TimeoutError: connect or command timeout.
+        if isinstance(error, PoolTimeoutError | OSError | TimeoutError):
             return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-        if sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
             return True
-        cause = exc.orig.__cause__ if exc.orig is not None else None
-        return (
-            isinstance(cause, OSError | TimeoutError)
-            or "connection" in type(cause).__name__.lower()
-        )
+        # asyncpg's InterfaceError is mostly misuse, but "connection is closed" and
+        # "the underlying connection is closed" say the server went away.
+        if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
+            return True
+        error = error.orig if isinstance(error, DBAPIError) else error.__cause__
     return False
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from usage_api.db import transact
+from usage_api.errors import ServiceUnavailable
 from usage_api.models import METRICS
 
 log = logging.getLogger("usage_api")
@@ -112,6 +113,9 @@ async def run_folder(engine: AsyncEngine, interval_s: float) -> None:
             await fold_all(engine)
         except asyncio.CancelledError:
             raise
+        except ServiceUnavailable:
+            # The database is away (a restart, a failover); `transact` has logged it.
+            pass
         except Exception:
             log.warning("folding deltas failed; will retry", exc_info=True)
         await asyncio.sleep(interval_s)
