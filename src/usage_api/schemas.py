@@ -1,4 +1,6 @@
-"""Request bodies: what the service accepts, with the contract's limits."""
+"""What goes over the wire: request bodies with the contract's limits, and the documented
+shapes of every answer (the OpenAPI schema's; routes build their JSON by hand, in the
+contract's key order, and these models only describe it)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import Path, Query
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -14,10 +17,81 @@ from pydantic import (
     EmailStr,
     Field,
     StringConstraints,
+    WithJsonSchema,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from usage_api.dates import parse_instant
 from usage_api.ids import is_valid_id
+
+# The seed's organization and user: the examples of the OpenAPI schema.
+EXAMPLE_ORGANIZATION_ID = "1767623610019x414651971228139500"
+EXAMPLE_USER_ID = "1768236789852x707565875153419434"
+
+# The accepted forms as JSON Schema patterns, for the documentation only: the checks are the
+# code's (ids.py, dates.py), so that every failure gets the contract's message. `[0-9]`, not
+# `\d`, which some regex dialects take to mean any Unicode digit.
+_DATE = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_TIME = r"T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}:[0-9]{2})?"
+DATE_PATTERN = f"^{_DATE}({_TIME})?$"
+DATE_TIME_PATTERN = f"^{_DATE}{_TIME}$"
+# What `EmailStr` (email-validator) takes beyond JSON Schema's `format: email`.
+EMAIL_RULES = (
+    "An address alone, without a display name, at a domain that could receive mail: one"
+    " with a dot and a top-level domain ending in a letter, and not a special-use one"
+    " (.arpa, .invalid, .local, .localhost, .onion, .test). The domain is kept in Unicode."
+)
+# Names: any characters but controls (Unicode category Cc).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+def id_schema(max_length: int = 128, example: str | None = None) -> WithJsonSchema:
+    """The documented schema of a caller-chosen id: 1 to `max_length` visible ASCII characters."""
+    schema: dict[str, Any] = {"type": "string", "pattern": f"^[\\x21-\\x7e]{{1,{max_length}}}$"}
+    if example is not None:
+        schema["examples"] = [example]
+    return WithJsonSchema(schema)
+
+
+def date_schema(example: str) -> WithJsonSchema:
+    """The documented schema of a `start_date` or `end_date` query parameter."""
+    return WithJsonSchema({"type": "string", "pattern": DATE_PATTERN, "examples": [example]})
+
+
+# Query and path parameters: routes take them as plain strings and check them in order
+# (key, ids, dates), with the contract's messages; these annotations only document them.
+OrganizationIdQuery = Annotated[
+    str | None,
+    Query(description="The organization whose usage to read."),
+    id_schema(example=EXAMPLE_ORGANIZATION_ID),
+]
+UserIdQuery = Annotated[
+    str | None,
+    Query(description="The user whose usage to read; with `organization_id`, one of its users."),
+    id_schema(example=EXAMPLE_USER_ID),
+]
+StartDateQuery = Annotated[
+    str | None,
+    Query(description="Inclusive start: a date (00:00 UTC) or a date-time (no offset: UTC)."),
+    date_schema("2026-02-10T00:00:00Z"),
+]
+EndDateQuery = Annotated[
+    str | None,
+    Query(
+        description="Inclusive end, through the unit of its finest field: `2026-03-12` covers"
+        " the whole day, `2026-03-12T23:59` the whole minute; with a fraction, that instant."
+    ),
+    date_schema("2026-03-12"),
+]
+PartnerIdPath = Annotated[
+    str, Path(description="Chosen by the caller."), id_schema(example="partner_acme")
+]
+OrganizationIdPath = Annotated[
+    str, Path(description="Chosen by the caller."), id_schema(example=EXAMPLE_ORGANIZATION_ID)
+]
+UserIdPath = Annotated[
+    str, Path(description="Chosen by the caller."), id_schema(example=EXAMPLE_USER_ID)
+]
 
 
 def _id(max_length: int) -> Any:
@@ -30,6 +104,8 @@ def _id(max_length: int) -> Any:
 
 
 def _name(value: str) -> str:
+    # Category Cc includes NUL, which PostgreSQL cannot store in text. Lone surrogates, which
+    # it cannot encode either, never get here: pydantic's strict str already rejects them.
     if any(unicodedata.category(char) == "Cc" for char in value):
         raise ValueError("must not contain control characters")
     return value
@@ -54,24 +130,42 @@ def _instant(value: Any) -> Any:
 
 EventType = Literal["sms", "mms", "voice"]
 Direction = Literal["outbound", "inbound"]
-Id = Annotated[str, _id(128)]
-EventId = Annotated[str, _id(255)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_name)]
-Instant = Annotated[datetime, BeforeValidator(_instant)]
+Id = Annotated[str, _id(128), id_schema(128)]
+EventId = Annotated[str, _id(255), id_schema(255)]
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=255),
+    AfterValidator(_name),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255, "pattern": NAME_PATTERN}),
+]
+Instant = Annotated[
+    datetime,
+    BeforeValidator(_instant),
+    WithJsonSchema({"type": "string", "pattern": DATE_TIME_PATTERN}),
+]
 
 
 class UsageEventIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    id: EventId
+    id: EventId = Field(description="The idempotency key: unique within its organization.")
     organization_id: Id
-    user_id: Id | None = None
+    user_id: Id | None = Field(default=None, description="A user of the event's organization.")
     type: EventType
     direction: Direction
-    segments: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    seconds: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
-    knowledge_base: bool | None = None
-    occurred_at: Instant
+    segments: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
+        default=None, description="Required for sms and mms events, not allowed for voice."
+    )
+    seconds: Annotated[int, Field(ge=0, le=1_000_000)] | None = Field(
+        default=None, description="Required for voice events, not allowed for sms and mms."
+    )
+    knowledge_base: bool | None = Field(
+        default=None,
+        description="Voice events only: the call used knowledge-base retrieval (default false).",
+    )
+    occurred_at: Instant = Field(
+        description="ISO 8601 date-time (no offset means UTC), at most 5 minutes in the future."
+    )
 
     def quantity_errors(self) -> list[tuple[str, str]]:
         """(field, error) for each field that does not fit the event's type."""
@@ -94,25 +188,248 @@ class UsageEventIn(BaseModel):
 class UsageEventsIn(BaseModel):
     """The body of `POST /v1/usage/events` (documentation; validation is per event)."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "id": "msg_8f2c:part1",
+                            "organization_id": EXAMPLE_ORGANIZATION_ID,
+                            "user_id": EXAMPLE_USER_ID,
+                            "type": "sms",
+                            "direction": "outbound",
+                            "segments": 2,
+                            "occurred_at": "2026-02-10T12:00:00Z",
+                        },
+                        {
+                            "id": "call_77a1",
+                            "organization_id": EXAMPLE_ORGANIZATION_ID,
+                            "type": "voice",
+                            "direction": "inbound",
+                            "seconds": 125,
+                            "knowledge_base": True,
+                            "occurred_at": "2026-02-10T12:03:10.250Z",
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+
     events: Annotated[list[UsageEventIn], Field(min_length=1, max_length=1000)]
 
 
 class PartnerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"name": "Acme Reseller"}]}
+    )
 
     name: Name
 
 
 class OrganizationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"name": "Acme Corp", "partner_id": None}]},
+    )
 
     name: Name
-    partner_id: Id | None = None
+    partner_id: Id | None = Field(
+        default=None,
+        description="The organization's partner (admin keys); left out: the partner stays.",
+    )
 
 
 class UserIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "organization_id": EXAMPLE_ORGANIZATION_ID,
+                    "name": "John Smith",
+                    "email": "john@example.com",
+                }
+            ]
+        },
+    )
 
-    organization_id: Id
+    organization_id: Id = Field(description="Users never move to another organization.")
     name: Name
-    email: Annotated[EmailStr, BeforeValidator(_no_display_name), StringConstraints(max_length=320)]
+    email: Annotated[
+        EmailStr, BeforeValidator(_no_display_name), StringConstraints(max_length=320)
+    ] = Field(description=EMAIL_RULES)
+
+
+# Responses. `extra="forbid"` makes the documented objects closed, so that the schema also
+# says which keys an answer never has.
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Counts(_Out):
+    outbound: int = Field(ge=0)
+    inbound: int = Field(ge=0)
+    total: int = Field(ge=0, description="outbound + inbound")
+
+
+class VoiceSeconds(_Out):
+    seconds: int = Field(ge=0, description="Calls without knowledge-base retrieval.")
+    kb_seconds: int = Field(ge=0, description="Calls with knowledge-base retrieval.")
+    total_seconds: int = Field(ge=0, description="seconds + kb_seconds")
+
+
+_START_ECHO = "With `custom`: the start in UTC, null when open."
+_END_ECHO = "With `custom`: the last instant covered, in UTC; null when open."
+Period = Literal["all_time", "custom"]
+
+
+class OrganizationUsage(_Out):
+    organization_id: str
+    organization_name: str
+    sms: Counts
+    mms: Counts
+    voice: VoiceSeconds
+    period: Period
+    start_date: datetime | None = Field(default=None, description=_START_ECHO)
+    end_date: datetime | None = Field(default=None, description=_END_ECHO)
+
+
+class UserUsage(_Out):
+    user_id: str
+    user_name: str
+    user_email: str
+    sms: Counts
+    mms: Counts
+    voice: VoiceSeconds
+    period: Period
+    start_date: datetime | None = Field(default=None, description=_START_ECHO)
+    end_date: datetime | None = Field(default=None, description=_END_ECHO)
+
+
+class UsageResponse(_Out):
+    success: Literal[True]
+    usage: OrganizationUsage | UserUsage
+    powered_by: str
+
+
+class IngestResponse(_Out):
+    success: Literal[True]
+    accepted: int = Field(ge=0, description="Events recorded by this request.")
+    duplicates: int = Field(ge=0, description="Events already recorded with the same content.")
+    conflicts: list[str] = Field(
+        description="Ids already recorded with different content, not applied."
+    )
+
+
+class PartnerOut(_Out):
+    id: str
+    name: str
+
+
+class OrganizationOut(_Out):
+    id: str
+    name: str
+    partner_id: str | None
+
+
+class UserOut(_Out):
+    id: str
+    organization_id: str
+    name: str
+    email: str
+
+
+class PartnerResponse(_Out):
+    success: Literal[True]
+    partner: PartnerOut
+
+
+class OrganizationResponse(_Out):
+    success: Literal[True]
+    organization: OrganizationOut
+
+
+class UserResponse(_Out):
+    success: Literal[True]
+    user: UserOut
+
+
+class EventError(_Out):
+    index: int = Field(ge=0, description="Position of the event in the batch.")
+    field: str
+    error: str
+
+
+class ErrorResponse(_Out):
+    success: Literal[False]
+    error: str
+    details: list[EventError] | SkipJsonSchema[None] = Field(
+        default=None, description="Rejected batches of events only: each bad event's problems."
+    )
+
+
+_ERRORS = {
+    400: "Malformed request: ids, dates or body",
+    401: "No `X-API-Key`, or an unknown, revoked or expired key",
+    403: "The key may not do this (write permission, admin scope)",
+    404: "Unknown id, or one outside the key's scope",
+    409: "The user belongs to another organization",
+    413: "Request body too large",
+    500: "Unexpected error (details only in the server log)",
+    503: "Database unavailable or too slow: retry after `Retry-After` seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` documenting a route's errors, all `{"success": false, "error": ...}`."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response: dict[str, Any] = {"model": ErrorResponse, "description": _ERRORS[status]}
+        if status == 503:
+            retry_after = {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            response["headers"] = {"Retry-After": retry_after}
+        responses[status] = response
+    return responses
+
+
+def upsert_responses(model: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a directory `PUT`: 201 when created, 200 when updated."""
+    return {
+        200: {"model": model, "description": "Updated"},
+        201: {"model": model, "description": "Created"},
+        **error_responses(*errors),
+    }
+
+
+_COMPONENT = "#/components/schemas/{model}"
+_REQUEST_MODELS = (UsageEventsIn, PartnerIn, OrganizationIn, UserIn)
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON body that the route parses itself, for the contract's
+    error messages (see `complete_openapi`)."""
+    content = {"application/json": {"schema": {"$ref": _COMPONENT.format(model=model.__name__)}}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """Finish FastAPI's OpenAPI schema: add the request bodies of `request_body`, and drop the
+    422 it documents for every route with parameters: a malformed request is a 400 here."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in _REQUEST_MODELS:
+        definition = model.model_json_schema(ref_template=_COMPONENT)
+        components.update(definition.pop("$defs", {}))
+        components[model.__name__] = definition
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+    return schema
