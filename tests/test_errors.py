@@ -408,8 +408,8 @@ async def failing_app(database_url: str, settings: Settings) -> AsyncIterator[Fa
 
 @pytest.fixture
 async def failing_client(failing_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    # Starlette's ServerErrorMiddleware sends the handler's response, then re-raises for
-    # the server to log; a real server keeps the response, so the transport must too.
+    # Should anything re-raise after the 500 was sent, a real server would still keep the
+    # response: so does this transport.
     transport = httpx.ASGITransport(app=failing_app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         yield client

@@ -6,25 +6,48 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usage_api import errors
-from usage_api.auth import CurrentKey, EngineDep
+from usage_api.auth import CurrentKey, EngineDep, PresentedKey, authenticate, presented_hash
 from usage_api.config import Settings, get_settings
 from usage_api.dates import make_range, parse_instant
 from usage_api.db import create_engine, run_autocommit, transact
 from usage_api.directory import put_organization, put_partner, put_user
-from usage_api.errors import bad_request
+from usage_api.errors import ApiError, bad_request, not_found
 from usage_api.ids import is_valid_id
 from usage_api.ingest import ingest, parse_events
+from usage_api.observability import Metrics, ObservedFastAPI
 from usage_api.rollup import run_folder
-from usage_api.schemas import OrganizationIn, PartnerIn, UsageEventsIn, UserIn
+from usage_api.schemas import (
+    EndDateQuery,
+    IngestResponse,
+    OrganizationIdPath,
+    OrganizationIdQuery,
+    OrganizationIn,
+    OrganizationResponse,
+    PartnerIdPath,
+    PartnerIn,
+    PartnerResponse,
+    StartDateQuery,
+    UsageEventsIn,
+    UsageResponse,
+    UserIdPath,
+    UserIdQuery,
+    UserIn,
+    UserResponse,
+    complete_openapi,
+    error_responses,
+    request_body,
+    upsert_responses,
+)
 from usage_api.usage import UsageQuery, read_usage
 
 
@@ -69,6 +92,17 @@ class _TooLarge(Exception):
     pass
 
 
+class _IdConvertor(PathConvertor):
+    """A caller's id in a path: anything, newlines included, for `_checked_id` to judge.
+    With `path` (`.*`), Starlette's route pattern, which ends in `$`, would match
+    `/v1/users/u1%0A` as user `u1`: `$` also matches before a trailing newline."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("id", _IdConvertor())
+
+
 def _optional(value: str | None) -> str | None:
     """An empty query parameter (`?start_date=`) counts as absent, as forms send them."""
     return value if value else None
@@ -110,16 +144,47 @@ def _upserted(kind: str, created: bool, entity: dict[str, Any]) -> JSONResponse:
     return JSONResponse({"success": True, kind: entity}, status_code=201 if created else 200)
 
 
+def _usage_query(
+    organization_id: str | None,
+    user_id: str | None,
+    start_date: str | None,
+    end_date: str | None,
+) -> UsageQuery:
+    """The query's parameters checked in the contract's order: ids, then dates."""
+    organization_id = _checked_id(_optional(organization_id), "organization_id")
+    user_id = _checked_id(_optional(user_id), "user_id")
+    if organization_id is None and user_id is None:
+        raise bad_request("organization_id or user_id is required")
+    start_date, end_date = _optional(start_date), _optional(end_date)
+    bounds = []
+    for name, raw in (("start_date", start_date), ("end_date", end_date)):
+        instant = parse_instant(raw) if raw is not None else None
+        if raw is not None and instant is None:
+            raise bad_request(
+                f"{name} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z"
+            )
+        bounds.append(instant)
+    span = None
+    if start_date is not None or end_date is not None:
+        span = make_range(bounds[0], bounds[1])
+        if span is None:
+            raise bad_request("start_date must not be after end_date")
+    return UsageQuery(organization_id, user_id, span)
+
+
 def create_app(settings: Settings | None = None, database_url: str | None = None) -> FastAPI:
     settings = settings or get_settings()
     url = database_url or settings.database_url
     if url is None:
         raise SystemExit("DATABASE_URL is not set")
+    metrics = Metrics() if settings.metrics_enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings, url)
         app.state.engine = engine
+        if metrics is not None:
+            metrics.bind(engine)
         folder = None
         if settings.rollup_interval_ms > 0:
             folder = asyncio.create_task(run_folder(engine, settings.rollup_interval_ms / 1000))
@@ -130,9 +195,12 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
                 folder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await folder
+            if metrics is not None:
+                metrics.unbind()
             await engine.dispose()
 
-    app = FastAPI(
+    app = ObservedFastAPI(
+        metrics=metrics,
         title="Usage Analytics API",
         version="1.0.0",
         summary="SMS and MMS segments and voice seconds, per organization and user.",
@@ -142,50 +210,48 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     errors.install(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     powered_by = settings.powered_by
 
-    @app.get("/v1/analytics/usage")
+    @app.get(
+        "/v1/analytics/usage",
+        responses={200: {"model": UsageResponse}, **error_responses(400, 401, 404, 500, 503)},
+    )
     async def get_usage(
+        request: Request,
         engine: EngineDep,
-        principal: CurrentKey,
-        organization_id: Annotated[str | None, Query()] = None,
-        user_id: Annotated[str | None, Query()] = None,
-        start_date: Annotated[str | None, Query()] = None,
-        end_date: Annotated[str | None, Query()] = None,
+        api_key: PresentedKey,
+        organization_id: OrganizationIdQuery = None,
+        user_id: UserIdQuery = None,
+        start_date: StartDateQuery = None,
+        end_date: EndDateQuery = None,
     ) -> JSONResponse:
         """Usage of an organization or a user: all time, or over a date range."""
-        organization_id = _checked_id(_optional(organization_id), "organization_id")
-        user_id = _checked_id(_optional(user_id), "user_id")
-        if organization_id is None and user_id is None:
-            raise bad_request("organization_id or user_id is required")
-        start_date, end_date = _optional(start_date), _optional(end_date)
-        bounds = []
-        for name, raw in (("start_date", start_date), ("end_date", end_date)):
-            instant = parse_instant(raw) if raw is not None else None
-            if raw is not None and instant is None:
-                raise bad_request(
-                    f"{name} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z"
-                )
-            bounds.append(instant)
-        span = None
-        if start_date is not None or end_date is not None:
-            span = make_range(bounds[0], bounds[1])
-            if span is None:
-                raise bad_request("start_date must not be after end_date")
-        usage = await run_autocommit(
-            engine, read_usage, principal, UsageQuery(organization_id, user_id, span)
-        )
+        key_hash = presented_hash(api_key)
+        try:
+            query = _usage_query(organization_id, user_id, start_date, end_date)
+        except ApiError:
+            # A bad key outranks bad parameters.
+            request.state.key_id = (await authenticate(engine, api_key)).key_id
+            raise
+        # The key is checked in the same statement as the read: one round trip.
+        key_id, usage = await run_autocommit(engine, read_usage, key_hash, query)
+        request.state.key_id = key_id
+        if usage is None:
+            raise not_found("user" if query.user_id is not None else "organization")
         return JSONResponse({"success": True, "usage": usage, "powered_by": powered_by})
 
     @app.post(
         "/v1/usage/events",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": UsageEventsIn.model_json_schema()}},
-            }
-        },
+        openapi_extra=request_body(UsageEventsIn),
+        responses={200: {"model": IngestResponse}, **error_responses(400, 401, 403, 413, 500, 503)},
     )
     async def post_events(
         request: Request, engine: EngineDep, principal: CurrentKey
@@ -197,6 +263,8 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
             raise bad_request("request body must be a JSON object with only an events list")
         events = parse_events(body["events"])
         result = await transact(engine, ingest, principal, events)
+        if metrics is not None:
+            metrics.count_events(result.accepted, result.duplicates, len(result.conflicts))
         return JSONResponse(
             {
                 "success": True,
@@ -206,12 +274,16 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
             }
         )
 
-    @app.put("/v1/partners/{partner_id:path}")
+    @app.put(
+        "/v1/partners/{partner_id:id}",
+        openapi_extra=request_body(PartnerIn),
+        responses=upsert_responses(PartnerResponse, 400, 401, 403, 413, 500, 503),
+    )
     async def put_partner_route(
         request: Request,
         engine: EngineDep,
         principal: CurrentKey,
-        partner_id: Annotated[str, Path()],
+        partner_id: PartnerIdPath,
     ) -> JSONResponse:
         """Create or rename a partner (admin keys)."""
         principal.require_write()
@@ -221,12 +293,16 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         created, entity = await transact(engine, put_partner, principal, partner_id, body)
         return _upserted("partner", created, entity)
 
-    @app.put("/v1/organizations/{organization_id:path}")
+    @app.put(
+        "/v1/organizations/{organization_id:id}",
+        openapi_extra=request_body(OrganizationIn),
+        responses=upsert_responses(OrganizationResponse, 400, 401, 403, 404, 413, 500, 503),
+    )
     async def put_organization_route(
         request: Request,
         engine: EngineDep,
         principal: CurrentKey,
-        organization_id: Annotated[str, Path()],
+        organization_id: OrganizationIdPath,
     ) -> JSONResponse:
         """Create or update an organization in the key's scope (no `partner_id`: keep it)."""
         principal.require_write()
@@ -235,12 +311,16 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         created, entity = await transact(engine, put_organization, principal, organization_id, body)
         return _upserted("organization", created, entity)
 
-    @app.put("/v1/users/{user_id:path}")
+    @app.put(
+        "/v1/users/{user_id:id}",
+        openapi_extra=request_body(UserIn),
+        responses=upsert_responses(UserResponse, 400, 401, 403, 404, 409, 413, 500, 503),
+    )
     async def put_user_route(
         request: Request,
         engine: EngineDep,
         principal: CurrentKey,
-        user_id: Annotated[str, Path()],
+        user_id: UserIdPath,
     ) -> JSONResponse:
         """Create or update a user of an organization inside the key's scope."""
         principal.require_write()
@@ -249,12 +329,15 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         created, entity = await transact(engine, put_user, principal, user_id, body)
         return _upserted("user", created, entity)
 
+    if metrics is not None:
+        app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is alive (no database check)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=error_responses(500, 503))
     async def readyz(engine: EngineDep) -> dict[str, str]:
         """The database answers."""
         await run_autocommit(engine, _ping)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -29,10 +30,23 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-# The condition every query of tenant data puts on its organizations row `o`.
+def invalid_key() -> ApiError:
+    return ApiError(401, "invalid API key")
+
+
+def presented_hash(key: str | None) -> bytes:
+    """The hash to look a presented key up by; a 401 when there is none."""
+    if not key:
+        raise ApiError(401, "X-API-Key header is required")
+    return hash_key(key)
+
+
+# The condition every query of tenant data puts on its organizations row `o`: as bound
+# parameters (`Principal.scope_params`), or as the columns of a key row `k` in the query.
 VISIBLE_ORGANIZATION = (
     "(:scope = 'admin' OR o.partner_id = :scope_partner_id OR o.id = :scope_organization_id)"
 )
+VISIBLE_TO_KEY = "(k.scope = 'admin' OR o.partner_id = k.partner_id OR o.id = k.organization_id)"
 
 
 @dataclass(frozen=True)
@@ -62,11 +76,13 @@ class Principal:
             raise ApiError(403, "API key does not have admin scope")
 
 
-_LOOKUP = text(
+# The live key with a given hash; other statements embed it as `k` (see usage.py).
+KEY_LOOKUP = (
     "SELECT id, scope, partner_id, organization_id, can_write FROM api_keys"
     " WHERE key_hash = :key_hash AND revoked_at IS NULL"
     " AND (expires_at IS NULL OR expires_at > now())"
 )
+_LOOKUP = text(KEY_LOOKUP)
 
 
 async def _lookup(conn: AsyncConnection, key_hash: bytes) -> Any:
@@ -74,11 +90,9 @@ async def _lookup(conn: AsyncConnection, key_hash: bytes) -> Any:
 
 
 async def authenticate(engine: AsyncEngine, key: str | None) -> Principal:
-    if not key:
-        raise ApiError(401, "X-API-Key header is required")
-    row = await run_autocommit(engine, _lookup, hash_key(key))
+    row = await run_autocommit(engine, _lookup, presented_hash(key))
     if row is None:
-        raise ApiError(401, "invalid API key")
+        raise invalid_key()
     return Principal(row.id, row.scope, row.partner_id, row.organization_id, row.can_write)
 
 
@@ -90,11 +104,25 @@ def get_engine(request: Request) -> AsyncEngine:
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 
 
-async def current_key(
-    engine: EngineDep,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> Principal:
-    return await authenticate(engine, x_api_key)
+# Documents the key as the OpenAPI security scheme; auto_error=False so that a missing key
+# is our own 401 with the contract's body, not FastAPI's.
+_API_KEY = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="ApiKey",
+    description="An API key (`usk_...`): its scope and permission decide what it may see and do.",
+    auto_error=False,
+)
+
+
+# The key as presented, not yet checked: for routes that check it in their own statement.
+PresentedKey = Annotated[str | None, Security(_API_KEY)]
+
+
+async def current_key(request: Request, engine: EngineDep, x_api_key: PresentedKey) -> Principal:
+    principal = await authenticate(engine, x_api_key)
+    # For the access log, which names a key by its id only.
+    request.state.key_id = principal.key_id
+    return principal
 
 
 CurrentKey = Annotated[Principal, Depends(current_key)]

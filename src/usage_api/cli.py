@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,6 +15,7 @@ import typer
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from usage_api.config import get_settings
+from usage_api.logs import logging_config
 
 T = TypeVar("T")
 
@@ -88,6 +90,22 @@ def _load_demo(url: str) -> str:
     return _with_engine(url, run)
 
 
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """With several workers, metrics live in files that any worker's `/metrics` sums up:
+    a fresh directory for this run, unless PROMETHEUS_MULTIPROC_DIR names one already.
+    Set before anything imports prometheus_client, which reads it once."""
+    if workers == 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="usage-api-metrics-") as path:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
 @app.command()
 def serve(
     host: str = "127.0.0.1",
@@ -98,7 +116,7 @@ def serve(
     """Apply pending migrations, then serve the API."""
     import uvicorn
 
-    with database() as url:
+    with _metrics_dir(workers), database() as url:
         migrate_to_head(url)
         if demo:
             key = _load_demo(url)
@@ -111,14 +129,21 @@ def serve(
         # Worker processes read their database from the environment.
         os.environ["DATABASE_URL"] = url
         get_settings.cache_clear()
+        log_level = get_settings().log_level
         uvicorn.run(
             "usage_api.app:create_app",
             factory=True,
             host=host,
             port=port,
             workers=workers,
-            log_level=get_settings().log_level,
+            log_level=log_level,
+            log_config=logging_config(log_level),
+            # The app writes its own access line (usage_api.access), with the key's id.
+            access_log=False,
             timeout_graceful_shutdown=10,
+            # A worker imports the whole app before it first answers the supervisor; on a
+            # busy 2-core host that alone can take longer than uvicorn's 5 s default.
+            timeout_worker_healthcheck=30,
         )
 
 

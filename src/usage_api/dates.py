@@ -13,6 +13,14 @@ _INSTANT = re.compile(
     r"(?P<offset>Z|[+-]\d{2}:\d{2})?)?",
     re.ASCII,
 )
+# The form nearly every event arrives in, which the C parser `fromisoformat` reads at a
+# fraction of the general path's cost; the pattern admits only what that path accepts.
+_COMMON = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?P<fraction>\.\d{1,6})?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?",
+    re.ASCII,
+)
+_SECOND = timedelta(seconds=1)
 
 
 def utc_now() -> datetime:
@@ -41,6 +49,14 @@ class Instant:
 
 def parse_instant(value: str, *, require_time: bool = False) -> Instant | None:
     """Parse one of the contract's forms; None when `value` is not one of them."""
+    common = _COMMON.fullmatch(value)
+    if common is not None:
+        try:
+            at = datetime.fromisoformat(value)
+            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        except (ValueError, OverflowError):
+            return None
+        return Instant(at, None if common["fraction"] else _SECOND)
     match = _INSTANT.fullmatch(value)
     if match is None or (require_time and match["hour"] is None):
         return None

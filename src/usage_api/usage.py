@@ -1,6 +1,7 @@
 """Reading usage: `GET /v1/analytics/usage`.
 
-Each answer is one statement, so one snapshot: the entity, its scope check and its sums.
+Each answer is one statement, so one snapshot and one round trip: the caller's key, the
+entity, its scope check and its sums.
 All time is the counter row plus the deltas not yet folded into it. A range is cut into
 whole UTC days (daily roll-ups), whole hours (hourly roll-ups) and the partial hours at
 its edges (raw log rows), plus the unfolded deltas of its whole hours; its cost depends
@@ -16,9 +17,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.auth import VISIBLE_ORGANIZATION, Principal
+from usage_api.auth import KEY_LOOKUP, VISIBLE_TO_KEY, invalid_key
 from usage_api.dates import DateRange
-from usage_api.errors import not_found
 from usage_api.models import METRICS
 from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS, METRIC_SUMS
 
@@ -53,18 +53,26 @@ _RANGE_PARTS = f"""
     WHERE {{events}} AND hour_at >= :first_hour AND hour_at < :last_hour
 """
 
+# No row: the key is unknown, revoked or expired. A row with a NULL `id`: the entity is
+# unknown or outside the key's scope, which must read the same.
 _ORGANIZATION = f"""
-SELECT o.id, o.name, m.* FROM organizations o
-CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-WHERE o.id = :organization_id AND {VISIBLE_ORGANIZATION}
+WITH k AS ({KEY_LOOKUP})
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT o.id, o.name, m.* FROM organizations o
+    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
+    WHERE o.id = :organization_id AND {VISIBLE_TO_KEY}
+) e ON true
 """
 
 _USER = f"""
-SELECT u.id, u.name, u.email, m.* FROM users u
-JOIN organizations o ON o.id = u.organization_id
-CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-WHERE u.id = :user_id AND {VISIBLE_ORGANIZATION}
-  AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+WITH k AS ({KEY_LOOKUP})
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT u.id, u.name, u.email, m.* FROM users u
+    JOIN organizations o ON o.id = u.organization_id
+    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
+    WHERE u.id = :user_id AND {VISIBLE_TO_KEY}
+      AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+) e ON true
 """
 
 
@@ -136,20 +144,23 @@ def _metrics(row: Any) -> dict[str, Any]:
 
 
 async def read_usage(
-    conn: AsyncConnection, principal: Principal, query: UsageQuery
-) -> dict[str, Any]:
-    """The `usage` object of the response, in the contract's key order."""
+    conn: AsyncConnection, key_hash: bytes, query: UsageQuery
+) -> tuple[str, dict[str, Any] | None]:
+    """The id of the caller's key, and the `usage` object in the contract's key order
+    (None when the organization or user is unknown or outside the key's scope)."""
     kind = "user" if query.user_id is not None else "organization"
     params: dict[str, Any] = {
+        "key_hash": key_hash,
         "organization_id": query.organization_id,
         "user_id": query.user_id,
-        **principal.scope_params(),
     }
     if query.span is not None:
         params.update(range_params(query.span))
     row = (await conn.execute(_STATEMENTS[kind, query.span is not None], params)).first()
     if row is None:
-        raise not_found(kind)
+        raise invalid_key()
+    if row.id is None:
+        return row.key_id, None
 
     usage: dict[str, Any]
     if kind == "user":
@@ -163,4 +174,4 @@ async def read_usage(
         usage["period"] = "custom"
         usage["start_date"] = query.span.start_echo
         usage["end_date"] = query.span.end_echo
-    return usage
+    return row.key_id, usage
