@@ -44,6 +44,7 @@ from usage_api.schemas import (
     UserIn,
     UserResponse,
     complete_openapi,
+    error_message,
     error_responses,
     request_body,
     upsert_responses,
@@ -133,11 +134,9 @@ def _model(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_context=False)[0]
+        first = exc.errors(include_url=False)[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
-        # pydantic prefixes the message of our own validators' ValueErrors with "Value error, ".
-        message = first["msg"].removeprefix("Value error, ")
-        raise bad_request(f"invalid {field}: {message}") from None
+        raise bad_request(f"invalid {field}: {error_message(first)}") from None
 
 
 def _upserted(kind: str, created: bool, entity: dict[str, Any]) -> JSONResponse:

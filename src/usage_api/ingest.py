@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from pydantic_core import ErrorDetails
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -21,7 +20,7 @@ from usage_api.auth import VISIBLE_ORGANIZATION, Principal
 from usage_api.dates import utc_now
 from usage_api.errors import bad_request
 from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS
-from usage_api.schemas import UsageEventIn
+from usage_api.schemas import UsageEventIn, error_message
 
 MAX_EVENTS = 1000
 MAX_FUTURE = timedelta(minutes=5)
@@ -89,14 +88,6 @@ class IngestResult:
     conflicts: list[str] = field(default_factory=list)
 
 
-def _message(error: ErrorDetails) -> str:
-    # pydantic prefixes the message of our own validators' ValueErrors with "Value error, ".
-    message = error["msg"]
-    if error["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-    return message
-
-
 _BATCH = TypeAdapter(list[UsageEventIn])
 
 
@@ -143,9 +134,9 @@ def parse_events(raw: Any) -> list[UsageEventIn]:
                 {
                     "index": index,
                     "field": ".".join(str(part) for part in error["loc"]) or "event",
-                    "error": _message(error),
+                    "error": error_message(error),
                 }
-                for error in exc.errors(include_url=False, include_context=False)
+                for error in exc.errors(include_url=False)
             )
             continue
         details.extend(
