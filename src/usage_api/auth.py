@@ -96,7 +96,8 @@ async def authenticate(engine: AsyncEngine, key: str | None) -> Principal:
     return Principal(row.id, row.scope, row.partner_id, row.organization_id, row.can_write)
 
 
-def get_engine(request: Request) -> AsyncEngine:
+async def get_engine(request: Request) -> AsyncEngine:
+    # async, though it awaits nothing: FastAPI runs a plain `def` dependency in a thread.
     engine: AsyncEngine = request.app.state.engine
     return engine
 
