@@ -11,10 +11,12 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
@@ -111,6 +113,9 @@ async def test_keys_create_organization_read_key(
         ["--scope", "admin", "--organization", "o1"],
         ["--scope", "partner", "--partner", "p1", "--organization", "o1"],
         ["--scope", "organization", "--partner", "p1"],
+        ["--scope", "admin", "--expires-in", "30"],
+        ["--scope", "admin", "--expires-in", "0d"],
+        ["--scope", "admin", "--expires-in", "2w"],
         [],
     ],
 )
@@ -118,6 +123,19 @@ async def test_keys_create_rejects_invalid_combinations(cli: Cli, args: list[str
     result = await cli("keys", "create", *args)
     assert result.exit_code != 0
     assert result.stdout == ""
+
+
+async def test_keys_create_with_expires_in_sets_the_expiry(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine)
+    before = datetime.now(UTC)
+    result = await cli("keys", "create", "--scope", "admin", "--expires-in", "90d")
+    assert result.exit_code == 0, result.output
+    async with engine.connect() as conn:
+        expires_at = await conn.scalar(text("SELECT expires_at FROM api_keys"))
+    assert before + timedelta(days=90) <= expires_at <= datetime.now(UTC) + timedelta(days=90)
+    assert await status_of(client, result.stdout.strip(), organization_id) == 200
 
 
 @pytest.mark.parametrize("scope", ["partner", "organization"])

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -164,6 +165,17 @@ def demo_command() -> None:
     typer.echo(key)
 
 
+_DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90d`, `12h`, `30m`: a positive whole number of days, hours or minutes."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _DURATION_UNITS or not number.isdigit() or int(number) == 0:
+        raise typer.BadParameter("must look like 90d, 12h or 30m", param_hint="--expires-in")
+    return int(number) * _DURATION_UNITS[unit]
+
+
 @keys_app.command("create")
 def keys_create(
     scope: Annotated[str, typer.Option(help="admin, partner or organization")],
@@ -173,9 +185,15 @@ def keys_create(
     ] = None,
     write: Annotated[bool, typer.Option(help="Allow ingestion and directory writes.")] = False,
     name: Annotated[str | None, typer.Option(help="A label to recognise the key by.")] = None,
+    expires_in: Annotated[
+        str | None, typer.Option(help="Lifetime, e.g. 90d, 12h or 30m; none: until revoked.")
+    ] = None,
 ) -> None:
     """Create a key and print it (it is shown only this once)."""
     from usage_api.auth import create_key
+    from usage_api.dates import utc_now
+
+    expires_at = utc_now() + parse_duration(expires_in) if expires_in is not None else None
 
     if scope not in ("admin", "partner", "organization"):
         raise typer.BadParameter("must be admin, partner or organization", param_hint="--scope")
@@ -192,6 +210,7 @@ def keys_create(
             organization_id=organization,
             can_write=write,
             name=name,
+            expires_at=expires_at,
         )
 
     with database() as url:
