@@ -121,7 +121,7 @@ class CpuSample:
 
 class CpuMeter:
     """Where the CPU went during a measurement: the server under test, PostgreSQL, the load
-    generator, and other processes (another developer's tests, say), which distort figures.
+    generator, and other processes (a test run, say), which distort figures.
 
     A process's time is its own while it lives and its parent's (children time) once reaped,
     so summing own and children time over a live process tree counts everything once.

@@ -241,7 +241,7 @@ async def test_concurrent_writers_retries_and_folds_keep_counters_equal_to_the_l
         known = universe[: len(universe) * (round_ + 1) // ROUNDS]
         for _ in range(BATCHES_PER_ROUND):
             if batches and rng.random() < 0.25:
-                batch = rng.choice(batches)  # an exact retry of someone's batch
+                batch = rng.choice(batches)  # an exact retry of an earlier batch
             else:
                 # Sampled from one shared universe: other writers send the same ids.
                 batch = rng.sample(known, rng.randrange(1, 120))
