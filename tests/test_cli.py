@@ -7,8 +7,11 @@ script wants (a key, a listing) goes to stdout; everything for humans goes to st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -252,3 +255,35 @@ async def test_console_script_prints_the_key_alone_on_stdout(
     assert process.returncode == 0, stderr.decode()
     assert KEY_LINE.fullmatch(stdout.decode())
     assert await status_of(client, stdout.decode().strip(), organization_id) == 200
+
+
+async def test_serve_stops_its_embedded_database_on_sigterm(tmp_path: Path) -> None:
+    """Without DATABASE_URL, `serve` owns an embedded server: SIGTERM stops both."""
+    data_dir = tmp_path / "pg"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        Path(sys.executable).with_name("usage-api"),
+        *["serve", "--port", str(port)],
+        env={**env, "USAGE_API_DATA_DIR": str(data_dir), "USAGE_API_LOG_LEVEL": "warning"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(600):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("serve did not become ready")
+        assert (data_dir / "postmaster.pid").exists()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert not (data_dir / "postmaster.pid").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -107,6 +108,10 @@ def _metrics_dir(workers: int) -> Iterator[None]:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.command()
 def serve(
     host: str = "127.0.0.1",
@@ -117,6 +122,10 @@ def serve(
     """Apply pending migrations, then serve the API."""
     import uvicorn
 
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it into the handler it found.
+    # Python's default would end the process on the spot, skipping the `finally` that stops
+    # the embedded database; this one unwinds instead, with the conventional status.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with _metrics_dir(workers), database() as url:
         migrate_to_head(url)
         if demo:
