@@ -104,3 +104,32 @@ def event(
     else:
         body["segments"] = quantity
     return body
+
+
+# The public docs' two example responses, which the demo reproduces exactly.
+SEED_ORGANIZATION: dict[str, Any] = {
+    "success": True,
+    "usage": {
+        "organization_id": "1767623610019x414651971228139500",
+        "organization_name": "Acme Corp",
+        "sms": {"outbound": 12450, "inbound": 3821, "total": 16271},
+        "mms": {"outbound": 245, "inbound": 67, "total": 312},
+        "voice": {"seconds": 45678, "kb_seconds": 12345, "total_seconds": 58023},
+        "period": "all_time",
+    },
+    "powered_by": "Teli",
+}
+
+SEED_USER: dict[str, Any] = {
+    "success": True,
+    "usage": {
+        "user_id": "1768236789852x707565875153419434",
+        "user_name": "John Smith",
+        "user_email": "john@example.com",
+        "sms": {"outbound": 1234, "inbound": 567, "total": 1801},
+        "mms": {"outbound": 89, "inbound": 12, "total": 101},
+        "voice": {"seconds": 5678, "kb_seconds": 1234, "total_seconds": 6912},
+        "period": "all_time",
+    },
+    "powered_by": "Teli",
+}

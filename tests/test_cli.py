@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
-from tests.factories import make_organization, make_partner
+from tests.factories import SEED_ORGANIZATION, SEED_USER, make_organization, make_partner
 from usage_api.cli import app
 from usage_api.config import get_settings
 from usage_api.demo import ORGANIZATION_ID, USER_ID
@@ -200,25 +200,9 @@ async def test_demo_prints_a_key_that_reads_the_seed_numbers(
     assert KEY_LINE.fullmatch(result.stdout)
     headers = {"X-API-Key": result.stdout.strip()}
     response = await client.get(USAGE, params={"organization_id": ORGANIZATION_ID}, headers=headers)
-    assert response.json() == {
-        "success": True,
-        "usage": {
-            "organization_id": ORGANIZATION_ID,
-            "organization_name": "Acme Corp",
-            "sms": {"outbound": 12450, "inbound": 3821, "total": 16271},
-            "mms": {"outbound": 245, "inbound": 67, "total": 312},
-            "voice": {"seconds": 45678, "kb_seconds": 12345, "total_seconds": 58023},
-            "period": "all_time",
-        },
-        "powered_by": "Teli",
-    }
+    assert response.json() == SEED_ORGANIZATION
     response = await client.get(USAGE, params={"user_id": USER_ID}, headers=headers)
-    usage = response.json()["usage"]
-    assert (usage["user_id"], usage["user_name"], usage["user_email"]) == (
-        USER_ID,
-        "John Smith",
-        "john@example.com",
-    )
+    assert response.json() == SEED_USER
     # The key is a read key of the demo organization only.
     response = await client.put(
         f"/v1/organizations/{ORGANIZATION_ID}", json={"name": "X"}, headers=headers

@@ -20,7 +20,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_user
+from tests.factories import (
+    SEED_ORGANIZATION,
+    SEED_USER,
+    event,
+    make_key,
+    make_organization,
+    make_user,
+)
 from usage_api import demo, rollup
 from usage_api.app import create_app
 from usage_api.config import Settings
@@ -446,34 +453,6 @@ async def test_powered_by_comes_from_configuration(
             assert_json(response, 200, ok(organization_usage(tenant), "Acme Analytics"))
             response = await get(client, tenant.key, organization_id="nope")
             assert_json(response, 404, ORGANIZATION_NOT_FOUND)
-
-
-SEED_ORGANIZATION: dict[str, Any] = {
-    "success": True,
-    "usage": {
-        "organization_id": "1767623610019x414651971228139500",
-        "organization_name": "Acme Corp",
-        "sms": {"outbound": 12450, "inbound": 3821, "total": 16271},
-        "mms": {"outbound": 245, "inbound": 67, "total": 312},
-        "voice": {"seconds": 45678, "kb_seconds": 12345, "total_seconds": 58023},
-        "period": "all_time",
-    },
-    "powered_by": "Teli",
-}
-
-SEED_USER: dict[str, Any] = {
-    "success": True,
-    "usage": {
-        "user_id": "1768236789852x707565875153419434",
-        "user_name": "John Smith",
-        "user_email": "john@example.com",
-        "sms": {"outbound": 1234, "inbound": 567, "total": 1801},
-        "mms": {"outbound": 89, "inbound": 12, "total": 101},
-        "voice": {"seconds": 5678, "kb_seconds": 1234, "total_seconds": 6912},
-        "period": "all_time",
-    },
-    "powered_by": "Teli",
-}
 
 
 async def test_the_demo_answers_the_seeds_two_example_responses(

@@ -6,12 +6,18 @@ import re
 import secrets
 import time
 
-_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+", re.ASCII)
+
+def id_pattern(max_length: int = 128) -> str:
+    """An id as a regular expression: 1 to `max_length` visible ASCII characters (0x21-0x7E)."""
+    return f"^[\\x21-\\x7e]{{1,{max_length}}}$"
 
 
-def is_valid_id(value: str, max_length: int = 128) -> bool:
-    """1 to `max_length` visible ASCII characters (0x21-0x7E)."""
-    return len(value) <= max_length and _VISIBLE_ASCII.fullmatch(value) is not None
+_ID = re.compile(id_pattern(), re.ASCII)
+
+
+def is_valid_id(value: str) -> bool:
+    # fullmatch: `$` alone would also accept a trailing newline.
+    return _ID.fullmatch(value) is not None
 
 
 def new_id() -> str:

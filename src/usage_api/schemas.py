@@ -23,6 +23,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
 from usage_api.dates import parse_instant
+from usage_api.ids import id_pattern
 
 # The seed's organization and user: the examples of the OpenAPI schema.
 EXAMPLE_ORGANIZATION_ID = "1767623610019x414651971228139500"
@@ -47,7 +48,7 @@ NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 def id_schema(max_length: int = 128, example: str | None = None) -> WithJsonSchema:
     """The documented schema of a caller-chosen id: 1 to `max_length` visible ASCII characters."""
-    schema: dict[str, Any] = {"type": "string", "pattern": f"^[\\x21-\\x7e]{{1,{max_length}}}$"}
+    schema: dict[str, Any] = {"type": "string", "pattern": id_pattern(max_length)}
     if example is not None:
         schema["examples"] = [example]
     return WithJsonSchema(schema)
@@ -94,17 +95,13 @@ UserIdPath = Annotated[
 ]
 
 
-def _id_pattern(max_length: int) -> str:
-    return f"^[\\x21-\\x7e]{{1,{max_length}}}$"
-
-
 # Checked by pydantic-core's own regex, not a Python validator: a batch of 1000 events has
 # 3000 ids, and a call back into Python for each costs more than the rest of the event.
-_ID_MESSAGES = {_id_pattern(n): f"must be 1 to {n} visible ASCII characters" for n in (128, 255)}
+_ID_MESSAGES = {id_pattern(n): f"must be 1 to {n} visible ASCII characters" for n in (128, 255)}
 
 
 def _id(max_length: int) -> StringConstraints:
-    return StringConstraints(pattern=_id_pattern(max_length))
+    return StringConstraints(pattern=id_pattern(max_length))
 
 
 def error_message(error: ErrorDetails) -> str:
