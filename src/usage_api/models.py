@@ -134,6 +134,21 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = _created_at()
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Written at most once a minute per key (see ratelimit.py), never on every request.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKeyWindow(Base):
+    """How many requests a key made in its current rate-limit window, summed over every
+    worker and replica; each worker adds its own counts a few times a second."""
+
+    __tablename__ = "api_key_windows"
+
+    key_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True
+    )
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requests: Mapped[int] = mapped_column(BigInteger)
 
 
 class UsageEvent(Base):
