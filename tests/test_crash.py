@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_user
+from tests.factories import event, free_port, make_key, make_organization, make_user
 from tests.test_consistency import api_totals, assert_snapshot_consistent, log_totals, sent_totals
 from usage_api import rollup
 
@@ -33,13 +32,6 @@ BATCHES_PER_CLIENT = 16
 EVENTS_PER_BATCH = 100
 # Kill once this many batches were acknowledged: well into the run, well before its end.
 KILL_AFTER = CLIENTS * BATCHES_PER_CLIENT // 4
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _log_file(path: Path) -> IO[bytes]:
@@ -112,7 +104,7 @@ class Server:
 
 @pytest.fixture
 async def server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
-    server = Server(database_url, _free_port(), tmp_path / "server.log")
+    server = Server(database_url, free_port(), tmp_path / "server.log")
     try:
         yield server
     finally:

@@ -42,7 +42,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import alembic_config
-from tests.factories import event, make_key, make_organization, make_user
+from tests.factories import event, free_port, make_key, make_organization, make_user
 from tests.test_consistency import (
     Key,
     Metrics,
@@ -51,7 +51,7 @@ from tests.test_consistency import (
     log_totals,
     sent_totals,
 )
-from tests.test_crash import Server, _free_port
+from tests.test_crash import Server
 from usage_api import db
 from usage_api.app import create_app
 from usage_api.config import Settings
@@ -76,7 +76,7 @@ class Database:
     """An embedded PostgreSQL, durable (fsync on), that keeps its port across restarts."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.server = EmbeddedPostgres(data_dir, port=self.port, fast=False)
         self.url = self.server.start()
         command.upgrade(alembic_config(self.url), "head")
@@ -193,7 +193,7 @@ class Servers:
         if self.server is None or process is None or process.returncode is not None:
             self.started += 1
             log_path = self.directory / f"server{self.started}.log"
-            self.server = Server(self.database.url, _free_port(), log_path)
+            self.server = Server(self.database.url, free_port(), log_path)
             await self.server.start()
         return self.server
 

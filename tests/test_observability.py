@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization
+from tests.factories import event, free_port, make_key, make_organization
 from usage_api.app import create_app
 from usage_api.auth import CurrentKey, Scope, create_key
 from usage_api.config import Settings
@@ -123,6 +122,7 @@ def access_line(
         "level": "INFO",
         "logger": "usage_api.access",
         "message": f"{method} {message_route} {status}",
+        "pid": os.getpid(),
         "method": method,
         "route": route,
         "status": status,
@@ -448,13 +448,6 @@ async def test_metrics_can_be_turned_off(database_url: str, settings: Settings) 
 
 
 # `usage-api serve`: JSON logs on stderr, and metrics shared by several workers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def metrics_dirs(tmp: Path) -> list[Path]:

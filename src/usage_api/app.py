@@ -25,6 +25,7 @@ from usage_api.errors import ApiError, bad_request, not_found
 from usage_api.ids import is_valid_id
 from usage_api.ingest import ingest, parse_events
 from usage_api.observability import Metrics, ObservedFastAPI
+from usage_api.ratelimit import RateLimit, RateLimiter
 from usage_api.rollup import run_folder
 from usage_api.schemas import (
     EndDateQuery,
@@ -177,6 +178,9 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     if url is None:
         raise SystemExit("DATABASE_URL is not set")
     metrics = Metrics() if settings.metrics_enabled else None
+    limiter = RateLimiter(
+        settings.rate_limit, settings.rate_limit_window_s, settings.rate_limit_sync_ms / 1000
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -184,16 +188,18 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         app.state.engine = engine
         if metrics is not None:
             metrics.bind(engine)
-        folder = None
+        tasks = [asyncio.create_task(limiter.run(engine))]
         if settings.rollup_interval_ms > 0:
-            folder = asyncio.create_task(run_folder(engine, settings.rollup_interval_ms / 1000))
+            tasks.append(
+                asyncio.create_task(run_folder(engine, settings.rollup_interval_ms / 1000))
+            )
         try:
             yield
         finally:
-            if folder is not None:
-                folder.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await folder
+                    await task
             if metrics is not None:
                 metrics.unbind()
             await engine.dispose()
@@ -217,11 +223,13 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RateLimit, limiter=limiter)
+    app.state.limiter = limiter
     powered_by = settings.powered_by
 
     @app.get(
         "/v1/analytics/usage",
-        responses={200: {"model": UsageResponse}, **error_responses(400, 401, 404, 500, 503)},
+        responses={200: {"model": UsageResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
     )
     async def get_usage(
         request: Request,
@@ -250,7 +258,10 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     @app.post(
         "/v1/usage/events",
         openapi_extra=request_body(UsageEventsIn),
-        responses={200: {"model": IngestResponse}, **error_responses(400, 401, 403, 413, 500, 503)},
+        responses={
+            200: {"model": IngestResponse},
+            **error_responses(400, 401, 403, 413, 429, 500, 503),
+        },
     )
     async def post_events(
         request: Request, engine: EngineDep, principal: CurrentKey
@@ -276,7 +287,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     @app.put(
         "/v1/partners/{partner_id:id}",
         openapi_extra=request_body(PartnerIn),
-        responses=upsert_responses(PartnerResponse, 400, 401, 403, 413, 500, 503),
+        responses=upsert_responses(PartnerResponse, 400, 401, 403, 413, 429, 500, 503),
     )
     async def put_partner_route(
         request: Request,
@@ -295,7 +306,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     @app.put(
         "/v1/organizations/{organization_id:id}",
         openapi_extra=request_body(OrganizationIn),
-        responses=upsert_responses(OrganizationResponse, 400, 401, 403, 404, 413, 500, 503),
+        responses=upsert_responses(OrganizationResponse, 400, 401, 403, 404, 413, 429, 500, 503),
     )
     async def put_organization_route(
         request: Request,
@@ -313,7 +324,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     @app.put(
         "/v1/users/{user_id:id}",
         openapi_extra=request_body(UserIn),
-        responses=upsert_responses(UserResponse, 400, 401, 403, 404, 409, 413, 500, 503),
+        responses=upsert_responses(UserResponse, 400, 401, 403, 404, 409, 413, 429, 500, 503),
     )
     async def put_user_route(
         request: Request,

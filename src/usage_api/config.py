@@ -7,14 +7,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SystemExit(f"{name} must be at least {minimum}, got {value}")
+    return value
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -32,6 +35,9 @@ class Settings:
     statement_timeout_ms: int
     max_body_bytes: int
     rollup_interval_ms: int
+    rate_limit: int
+    rate_limit_window_s: int
+    rate_limit_sync_ms: int
     docs_enabled: bool
     metrics_enabled: bool
     log_level: str
@@ -45,6 +51,9 @@ class Settings:
             statement_timeout_ms=_int("USAGE_API_STATEMENT_TIMEOUT_MS", 5000),
             max_body_bytes=_int("USAGE_API_MAX_BODY_BYTES", 1024 * 1024),
             rollup_interval_ms=_int("USAGE_API_ROLLUP_INTERVAL_MS", 500),
+            rate_limit=_int("USAGE_API_RATE_LIMIT", 6000),
+            rate_limit_window_s=_int("USAGE_API_RATE_LIMIT_WINDOW_S", 60, minimum=1),
+            rate_limit_sync_ms=_int("USAGE_API_RATE_LIMIT_SYNC_MS", 100, minimum=1),
             docs_enabled=_bool("USAGE_API_DOCS", True),
             metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),

@@ -41,6 +41,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         for name, value in vars(record).items():
             if name not in _RECORD_ATTRIBUTES:

@@ -393,8 +393,22 @@ _ERRORS = {
     404: "Unknown id, or one outside the key's scope",
     409: "The user belongs to another organization",
     413: "Request body too large",
+    429: "The key's rate limit is spent: retry after `Retry-After` seconds",
     500: "Unexpected error (details only in the server log)",
     503: "Database unavailable or too slow: retry after `Retry-After` seconds",
+}
+
+
+_RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}}
+_RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {
+        "description": 'The key\'s quota `q` per window of `w` seconds: `"per-key";q=6000;w=60`',
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": "Requests `r` left in this window, which ends in `t` seconds",
+        "schema": {"type": "string"},
+    },
 }
 
 
@@ -403,9 +417,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         response: dict[str, Any] = {"model": ErrorResponse, "description": _ERRORS[status]}
-        if status == 503:
-            retry_after = {"description": "Seconds to wait", "schema": {"type": "integer"}}
-            response["headers"] = {"Retry-After": retry_after}
+        if status in (429, 503):
+            response["headers"] = {"Retry-After": _RETRY_AFTER}
+        if status == 429:
+            response["headers"].update(_RATE_LIMIT_HEADERS)
         responses[status] = response
     return responses
 
