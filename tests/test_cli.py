@@ -11,11 +11,11 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +23,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
-from tests.factories import SEED_ORGANIZATION, SEED_USER, make_organization, make_partner
+from tests.factories import (
+    SEED_ORGANIZATION,
+    SEED_USER,
+    free_port,
+    make_organization,
+    make_partner,
+)
 from usage_api.cli import app
 from usage_api.config import get_settings
 from usage_api.demo import ORGANIZATION_ID, USER_ID
@@ -161,8 +167,16 @@ async def test_keys_list_shows_keys_but_never_the_keys_themselves(
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2
-    assert lines[0].split("\t")[2:] == ["admin", "-", "read", "active", "ops"]
-    assert lines[1].split("\t")[2:] == ["partner", partner_id, "write", "active", ""]
+    assert lines[0].split("\t")[2:] == ["admin", "-", "read", "active", "-", "never", "ops"]
+    assert lines[1].split("\t")[2:] == [
+        "partner",
+        partner_id,
+        "write",
+        "active",
+        "-",
+        "never",
+        "",
+    ]
     assert admin not in result.output
     assert partner not in result.output
 
@@ -190,6 +204,97 @@ async def test_keys_revoke_of_an_unknown_id_fails(cli: Cli) -> None:
     result = await cli("keys", "revoke", "no-such-key")
     assert result.exit_code == 1
     assert "no key with id no-such-key" in result.stderr
+
+
+async def key_rows(engine: AsyncEngine) -> list[Any]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT id, scope, organization_id, can_write, name, expires_at FROM api_keys"
+                " ORDER BY created_at, id"
+            )
+        )
+        return list(rows)
+
+
+async def test_keys_rotate_replaces_a_key_and_keeps_the_old_one_for_the_grace_period(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine)
+    created = await cli(
+        "keys", "create", "--scope", "organization", "--organization", organization_id,
+        "--write", "--name", "billing",
+    )  # fmt: skip
+    old_key = created.stdout.strip()
+    [old] = await key_rows(engine)
+
+    before = datetime.now(UTC)
+    result = await cli("keys", "rotate", old.id, "--grace", "2h", "--expires-in", "90d")
+    assert result.exit_code == 0, result.output
+    assert KEY_LINE.fullmatch(result.stdout)
+    new_key = result.stdout.strip()
+    assert new_key != old_key
+    [old_after, new] = await key_rows(engine)
+    assert f"to replace {old.id}" in result.stderr
+    # The same scope, target, permission and name; its own lifetime.
+    assert (new.scope, new.organization_id, new.can_write, new.name) == (
+        "organization",
+        organization_id,
+        True,
+        "billing",
+    )
+    after = datetime.now(UTC)
+    assert before + timedelta(days=90) <= new.expires_at <= after + timedelta(days=90)
+    assert before + timedelta(hours=2) <= old_after.expires_at <= after + timedelta(hours=2)
+    # Both work during the grace period.
+    assert await status_of(client, old_key, organization_id) == 200
+    assert await status_of(client, new_key, organization_id) == 200
+
+    # Once it is over, only the new one does.
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": old.id},
+        )
+    assert await status_of(client, old_key, organization_id) == 401
+    assert await status_of(client, new_key, organization_id) == 200
+    listing = (await cli("keys", "list")).stdout.splitlines()
+    assert [line.split("\t")[5] for line in listing] == ["expired", "active"]
+
+
+async def test_keys_rotate_never_extends_the_old_key(cli: Cli, engine: AsyncEngine) -> None:
+    await cli("keys", "create", "--scope", "admin", "--expires-in", "30m")
+    [old] = await key_rows(engine)
+    result = await cli("keys", "rotate", old.id, "--grace", "7d")
+    assert result.exit_code == 0, result.output
+    [old_after, new] = await key_rows(engine)
+    assert old_after.expires_at == old.expires_at
+    assert new.expires_at is None
+
+
+@pytest.mark.parametrize("state", ["unknown", "revoked", "expired"])
+async def test_keys_rotate_needs_a_live_key(cli: Cli, engine: AsyncEngine, state: str) -> None:
+    await cli("keys", "create", "--scope", "admin")
+    [key] = await key_rows(engine)
+    key_id = "no-such-key" if state == "unknown" else key.id
+    if state != "unknown":
+        column = "revoked_at" if state == "revoked" else "expires_at"
+        async with engine.begin() as conn:
+            await conn.execute(text(f"UPDATE api_keys SET {column} = now()"))
+    result = await cli("keys", "rotate", key_id)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert f"no live key with id {key_id}" in result.stderr
+    assert len(await key_rows(engine)) == 1
+
+
+async def test_keys_rotate_rejects_a_bad_grace(cli: Cli, engine: AsyncEngine) -> None:
+    await cli("keys", "create", "--scope", "admin")
+    [key] = await key_rows(engine)
+    result = await cli("keys", "rotate", key.id, "--grace", "1w")
+    assert result.exit_code == 2
+    assert "--grace" in result.stderr
+    assert len(await key_rows(engine)) == 1
 
 
 async def test_demo_prints_a_key_that_reads_the_seed_numbers(
@@ -244,9 +349,7 @@ async def test_console_script_prints_the_key_alone_on_stdout(
 async def test_serve_stops_its_embedded_database_on_sigterm(tmp_path: Path) -> None:
     """Without DATABASE_URL, `serve` owns an embedded server: SIGTERM stops both."""
     data_dir = tmp_path / "pg"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     process = await asyncio.create_subprocess_exec(
         Path(sys.executable).with_name("usage-api"),

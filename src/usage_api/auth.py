@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request, Security
@@ -144,6 +144,7 @@ class KeyInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None
 
 
 async def create_key(
@@ -184,7 +185,8 @@ async def list_keys(conn: AsyncConnection) -> list[KeyInfo]:
     rows = await conn.execute(
         text(
             "SELECT id, prefix, name, scope, partner_id, organization_id, can_write,"
-            " created_at, expires_at, revoked_at FROM api_keys ORDER BY created_at, id"
+            " created_at, expires_at, revoked_at, last_used_at FROM api_keys"
+            " ORDER BY created_at, id"
         )
     )
     return [KeyInfo(**row._mapping) for row in rows]
@@ -200,3 +202,40 @@ async def revoke_key(conn: AsyncConnection, key_id: str) -> bool:
         {"id": key_id},
     )
     return result.first() is not None
+
+
+async def rotate_key(
+    conn: AsyncConnection, key_id: str, grace: timedelta, expires_at: datetime | None = None
+) -> tuple[str, str, datetime] | None:
+    """Replace a live key: a new key with the same scope, permission and name, and the old
+    one ending after `grace` (sooner if it was to end sooner). Returns `(new_key_id, key,
+    old_key_expires_at)`; None when there is no live key with that id."""
+    old = (
+        await conn.execute(
+            text(
+                "SELECT scope, partner_id, organization_id, can_write, name FROM api_keys"
+                " WHERE id = :id AND revoked_at IS NULL"
+                " AND (expires_at IS NULL OR expires_at > now()) FOR UPDATE"
+            ),
+            {"id": key_id},
+        )
+    ).first()
+    if old is None:
+        return None
+    new_key_id, key = await create_key(
+        conn,
+        scope=old.scope,
+        partner_id=old.partner_id,
+        organization_id=old.organization_id,
+        can_write=old.can_write,
+        name=old.name,
+        expires_at=expires_at,
+    )
+    old_expires_at: datetime = await conn.scalar(
+        text(
+            "UPDATE api_keys SET expires_at = least(expires_at, now() + :grace) WHERE id = :id"
+            " RETURNING expires_at"
+        ),
+        {"id": key_id, "grace": grace},
+    )
+    return new_key_id, key, old_expires_at

@@ -9,7 +9,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -177,11 +177,11 @@ def demo_command() -> None:
 _DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
 
 
-def parse_duration(text: str) -> timedelta:
+def parse_duration(text: str, option: str = "--expires-in") -> timedelta:
     """`90d`, `12h`, `30m`: a positive whole number of days, hours or minutes."""
     number, unit = text[:-1], text[-1:]
     if unit not in _DURATION_UNITS or not number.isdigit() or int(number) == 0:
-        raise typer.BadParameter("must look like 90d, 12h or 30m", param_hint="--expires-in")
+        raise typer.BadParameter("must look like 90d, 12h or 30m", param_hint=option)
     return int(number) * _DURATION_UNITS[unit]
 
 
@@ -233,22 +233,71 @@ def keys_create(
     typer.echo(key)
 
 
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    grace: Annotated[
+        str, typer.Option(help="How long the old key keeps working, e.g. 24h, 7d or 30m.")
+    ] = "24h",
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="Lifetime of the new key, e.g. 90d; none: until revoked."),
+    ] = None,
+) -> None:
+    """Replace a key: print a new one with the same scope and permission; the old one
+    keeps working for the grace period, so that clients can switch without a gap."""
+    from usage_api.auth import rotate_key
+    from usage_api.dates import utc_now
+
+    grace_period = parse_duration(grace, "--grace")
+    expires_at = utc_now() + parse_duration(expires_in) if expires_in is not None else None
+
+    async def work(conn: AsyncConnection) -> tuple[str, str, datetime] | None:
+        return await rotate_key(conn, key_id, grace_period, expires_at)
+
+    with database() as url:
+        migrate_to_head(url)
+        rotated = _in_transaction(url, work)
+    if rotated is None:
+        _say(f"no live key with id {key_id}")
+        raise typer.Exit(1)
+    new_key_id, key, old_expires_at = rotated
+    _say(
+        f"Created key {new_key_id} to replace {key_id}, which stops working at"
+        f" {old_expires_at.isoformat(timespec='seconds')}. Store the new key now:"
+        " it cannot be shown again."
+    )
+    typer.echo(key)
+
+
 @keys_app.command("list")
 def keys_list() -> None:
-    """List keys (never the keys themselves)."""
+    """List keys (never the keys themselves), a line each: id, prefix, scope, target,
+    permission, state, expiry, last use (to the minute), name; tab-separated."""
     from usage_api.auth import list_keys
+    from usage_api.dates import utc_now
 
     with database() as url:
         migrate_to_head(url)
         keys = _in_transaction(url, list_keys)
+    now = utc_now()
     for key in keys:
         target = key.partner_id or key.organization_id or "-"
-        state = "revoked" if key.revoked_at else "active"
         permission = "write" if key.can_write else "read"
+        if key.revoked_at is not None:
+            state = "revoked"
+        elif key.expires_at is not None and key.expires_at <= now:
+            state = "expired"
+        else:
+            state = "active"
         typer.echo(
             f"{key.id}\t{key.prefix}…\t{key.scope}\t{target}\t{permission}\t{state}"
-            f"\t{key.name or ''}"
+            f"\t{_when(key.expires_at, '-')}\t{_when(key.last_used_at, 'never')}\t{key.name or ''}"
         )
+
+
+def _when(moment: datetime | None, absent: str) -> str:
+    return moment.isoformat(timespec="seconds") if moment is not None else absent
 
 
 @keys_app.command("revoke")
