@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import socket
+import sys
+from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usage_api.auth import Principal, Scope, create_key
@@ -142,3 +150,33 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    env: dict[str, str], log_path: Path, workers: int = 2
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, httpx.AsyncClient]]:
+    """`usage-api serve --workers N` on a free port, its stderr in `log_path`, stopped by
+    SIGTERM at the end; with a client that opens a connection per request, so that every
+    worker gets some."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            Path(sys.executable).with_name("usage-api"),
+            *["serve", "--port", str(port), "--workers", str(workers)],
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", limits=limits, trust_env=False
+        ) as http:
+            yield process, http
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 20)

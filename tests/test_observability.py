@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -26,7 +24,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, free_port, make_key, make_organization
+from tests.factories import event, make_key, make_organization, serving
 from usage_api.app import create_app
 from usage_api.auth import CurrentKey, Scope, create_key
 from usage_api.config import Settings
@@ -457,7 +455,6 @@ def metrics_dirs(tmp: Path) -> list[Path]:
 async def test_serve_with_workers_logs_json_and_sums_metrics_over_workers(
     database_url: str, tmp_path: Path
 ) -> None:
-    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -466,51 +463,32 @@ async def test_serve_with_workers_logs_json_and_sums_metrics_over_workers(
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log_path = tmp_path / "stderr.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            Path(sys.executable).with_name("usage-api"),
-            *["serve", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
+    async with serving(env, log_path) as (process, http):
+        # uvicorn replaces a worker that is slow to start: allow for one or two.
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.returncode is None, log_path.read_text()
+            try:
+                scrape = samples((await http.get("/metrics", timeout=1)).text)
+                # Each worker publishes its pool once started: both are up.
+                if scrape.get(("usage_api_db_pool_size", labels())) == 2 * 3:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        for _ in range(20):
+            assert (await http.get("/healthz")).status_code == 200
+        healthz = (
+            "usage_api_http_requests_total",
+            labels(method="GET", route="/healthz", status="200"),
         )
-    try:
-        # A connection per request, so that both workers get some.
-        limits = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", limits=limits, trust_env=False
-        ) as http:
-            # uvicorn replaces a worker that is slow to start: allow for one or two.
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.returncode is None, log_path.read_text()
-                try:
-                    scrape = samples((await http.get("/metrics", timeout=1)).text)
-                    # Each worker publishes its pool once started: both are up.
-                    if scrape.get(("usage_api_db_pool_size", labels())) == 2 * 3:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_text()
-                await asyncio.sleep(0.1)
-            for _ in range(20):
-                assert (await http.get("/healthz")).status_code == 200
-            healthz = (
-                "usage_api_http_requests_total",
-                labels(method="GET", route="/healthz", status="200"),
-            )
-            for _ in range(6):
-                scrape = samples((await http.get("/metrics")).text)
-                assert scrape[healthz] == 20
+        for _ in range(6):
+            scrape = samples((await http.get("/metrics")).text)
+            assert scrape[healthz] == 20
         [metrics_dir] = metrics_dirs(tmp_path)
         # Files per worker process (and per replaced one), in the directory serve made.
         assert len({file.stem.rsplit("_", 1)[1] for file in metrics_dir.glob("*.db")}) >= 2
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 20)
     assert metrics_dirs(tmp_path) == []
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     access = [line for line in lines if line["logger"] == "usage_api.access"]

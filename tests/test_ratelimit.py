@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -26,7 +24,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import free_port, make_key, make_organization
+from tests.factories import make_key, make_organization, serving
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import create_engine
@@ -252,7 +250,6 @@ async def test_the_limit_holds_across_worker_processes(
         key = await make_key(engine)
     finally:
         await engine.dispose()
-    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -262,41 +259,22 @@ async def test_the_limit_holds_across_worker_processes(
         "USAGE_API_RATE_LIMIT_WINDOW_S": "86400",
     }
     log_path = tmp_path / "stderr.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            Path(sys.executable).with_name("usage-api"),
-            *["serve", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
     statuses = []
-    try:
-        # A connection per request, so that both workers get some.
-        limits = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", limits=limits, trust_env=False
-        ) as http:
-            deadline = time.monotonic() + 60
-            while len(answers_by_pid(log_path, "/healthz")) < 2:
-                assert process.returncode is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                with contextlib.suppress(httpx.TransportError):
-                    await http.get("/healthz", timeout=1)
-                await asyncio.sleep(0.05)
-            params = {"organization_id": organization}
-            for _ in range(2 * LIVE_LIMIT // GROUP):
-                for _ in range(GROUP):
-                    response = await http.get(USAGE, params=params, headers={"X-API-Key": key})
-                    statuses.append(response.status_code)
-                # Long enough for both workers to sync (every 100 ms).
-                await asyncio.sleep(0.3)
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 20)
+    async with serving(env, log_path) as (process, http):
+        deadline = time.monotonic() + 60
+        while len(answers_by_pid(log_path, "/healthz")) < 2:
+            assert process.returncode is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                await http.get("/healthz", timeout=1)
+            await asyncio.sleep(0.05)
+        params = {"organization_id": organization}
+        for _ in range(2 * LIVE_LIMIT // GROUP):
+            for _ in range(GROUP):
+                response = await http.get(USAGE, params=params, headers={"X-API-Key": key})
+                statuses.append(response.status_code)
+            # Long enough for both workers to sync (every 100 ms).
+            await asyncio.sleep(0.3)
 
     admitted = statuses.count(200)
     assert statuses.count(429) == len(statuses) - admitted
