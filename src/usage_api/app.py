@@ -242,7 +242,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
             request.state.key_id = (await authenticate(engine, api_key)).key_id
             raise
         # The key is checked in the same statement as the read: one round trip.
-        key_id, usage = await run_autocommit(engine, read_usage, key_hash, query)
+        key_id, usage = await read_usage(engine, key_hash, query)
         request.state.key_id = key_id
         if usage is None:
             raise not_found("user" if query.user_id is not None else "organization")
