@@ -1,11 +1,11 @@
 """Folding deltas into the roll-ups, and the SQL that sums usage rows.
 
 Ingest only appends to `usage_deltas`. `fold` moves a batch of deltas into
-`usage_counters`, `usage_hourly` and `usage_daily` in one statement that also deletes
-them, so at every snapshot each delta is counted exactly once: either still a delta or
-already in the roll-ups. Only one fold runs at a time across every process (a
-transaction-level advisory lock), so the roll-up rows it updates never contend with
-writers or with each other, and a fold interrupted at any point simply never happened.
+`usage_counters`, `usage_daily` and (organizations only) `usage_hourly` in one statement
+that also deletes them, so at every snapshot each delta is counted exactly once: either
+still a delta or already in the roll-ups. Only one fold runs at a time across every
+process (a transaction-level advisory lock), so the roll-up rows it updates never contend
+with writers or with each other, and a fold interrupted at any point simply never happened.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ targets AS (
 ),
 hourly AS (
     INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_COLUMNS})
-    SELECT organization_id, user_id, hour_at, {METRIC_SUMS} FROM targets
-    GROUP BY organization_id, user_id, hour_at
-    ORDER BY organization_id, user_id, hour_at
+    SELECT organization_id, '', hour_at, {METRIC_SUMS} FROM batch
+    GROUP BY organization_id, hour_at
+    ORDER BY organization_id, hour_at
     ON CONFLICT (organization_id, user_id, hour_at)
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_hourly")}
 ),
