@@ -75,12 +75,16 @@ WHERE (stored.user_id, stored.type, stored.direction, stored.segments, stored.se
        input.knowledge_base, input.occurred_at)
 """)
 
+# Joined with the id lists rather than `id = ANY(...)`: with a few hundred ids the planner
+# read all of `pk_users` (organization_id, id) by skip scan instead of probing `users.id`'s
+# own index once per id, about 10 ms against 1 ms for a batch of 500.
 _VISIBLE = text(f"""
 SELECT 'organization' AS kind, o.id, o.id AS organization_id FROM organizations o
-WHERE o.id = ANY(CAST(:organization_ids AS text[])) AND {VISIBLE_ORGANIZATION}
+JOIN unnest(CAST(:organization_ids AS text[])) AS wanted(id) ON o.id = wanted.id
+WHERE {VISIBLE_ORGANIZATION}
 UNION ALL
 SELECT 'user', u.id, u.organization_id FROM users u
-WHERE u.id = ANY(CAST(:user_ids AS text[]))
+JOIN unnest(CAST(:user_ids AS text[])) AS wanted(id) ON u.id = wanted.id
 """)
 
 
