@@ -45,16 +45,24 @@ _ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS
 # 0x7573616765 is "usage": any constant will do as long as nothing else uses it.
 _FOLD_LOCK = 0x7573616765
 
+# Deltas are summed per day first: every daily row and every counter comes from those
+# sums, so the user rows (nearly one per delta when usage is spread over many users) are
+# sorted and grouped once instead of once per roll-up.
 _FOLD = text(f"""
 WITH batch AS (
     DELETE FROM usage_deltas
     WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT :limit))
     RETURNING organization_id, user_id, hour_at, {METRIC_COLUMNS}
 ),
+days AS (
+    SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date AS day, {METRIC_SUMS}
+    FROM batch
+    GROUP BY 1, 2, 3
+),
 targets AS (
-    SELECT organization_id, user_id, hour_at, {METRIC_COLUMNS} FROM batch WHERE user_id <> ''
+    SELECT organization_id, user_id, day, {METRIC_COLUMNS} FROM days WHERE user_id <> ''
     UNION ALL
-    SELECT organization_id, '', hour_at, {METRIC_COLUMNS} FROM batch
+    SELECT organization_id, '', day, {METRIC_SUMS} FROM days GROUP BY organization_id, day
 ),
 hourly AS (
     INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_COLUMNS})
@@ -66,10 +74,8 @@ hourly AS (
 ),
 daily AS (
     INSERT INTO usage_daily (organization_id, user_id, day, {METRIC_COLUMNS})
-    SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date, {METRIC_SUMS}
-    FROM targets
-    GROUP BY organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date
-    ORDER BY 1, 2, 3
+    SELECT organization_id, user_id, day, {METRIC_COLUMNS} FROM targets
+    ORDER BY organization_id, user_id, day
     ON CONFLICT (organization_id, user_id, day)
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_daily")}
 ),
