@@ -9,7 +9,8 @@ Every random choice is a hash of the event's number (`hashint8extended`), so the
 depend only on the parameters, not on how the work is split between connections. The log
 is bulk-inserted without indexes; the roll-ups are then built set-based from it, with
 the folder's semantics (each event counts in its organization's row `user_id = ''` and,
-when it has a user, in that user's row); then indexes, constraints, VACUUM ANALYZE.
+when it has a user, in that user's row; hourly rows are kept for organizations only); then
+indexes, constraints, VACUUM ANALYZE.
 
 What was generated is recorded in `bench.dataset`: a later run with the same parameters,
 generator version and schema revision reuses it. Events the ingestion scenarios add all
@@ -33,7 +34,7 @@ from bench.servers import log
 from usage_api.cli import migrate_to_head
 from usage_api.models import METRICS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CHUNK = 500_000
 LOADED_TABLES = ("usage_events", "usage_hourly", "usage_daily", "usage_counters")
 METRIC_LIST = ", ".join(METRICS)
@@ -180,21 +181,23 @@ LEFT JOIN bench.user_index u ON u.idx = d.org * {users} + d.slot
 """
 
 
-# Hourly roll-ups of [$1, $2): per user, and per organization (GROUPING SETS' empty set).
+# Hourly roll-ups of [$1, $2), per organization (users have none: their ranges read the
+# log for partial days).
 _HOURLY = f"""
 INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_LIST})
-SELECT organization_id, CASE WHEN grouping(user_id) = 1 THEN '' ELSE user_id END, hour_at,
-       {event_sums()}
-FROM (SELECT *, date_trunc('hour', occurred_at, 'UTC') AS hour_at FROM usage_events
-      WHERE occurred_at >= $1 AND occurred_at < $2) e
-GROUP BY organization_id, hour_at, GROUPING SETS ((user_id), ())
-HAVING grouping(user_id) = 1 OR user_id IS NOT NULL
+SELECT organization_id, '', date_trunc('hour', occurred_at, 'UTC'), {event_sums()}
+FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2
+GROUP BY 1, 3
 """
+# Daily roll-ups of [$1, $2): per user, and per organization (GROUPING SETS' empty set).
 _DAILY = f"""
 INSERT INTO usage_daily (organization_id, user_id, day, {METRIC_LIST})
-SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date, {ROW_SUMS}
-FROM usage_hourly WHERE hour_at >= $1 AND hour_at < $2
-GROUP BY 1, 2, 3
+SELECT organization_id, CASE WHEN grouping(user_id) = 1 THEN '' ELSE user_id END, day,
+       {event_sums()}
+FROM (SELECT *, (occurred_at AT TIME ZONE 'UTC')::date AS day FROM usage_events
+      WHERE occurred_at >= $1 AND occurred_at < $2) e
+GROUP BY organization_id, day, GROUPING SETS ((user_id), ())
+HAVING grouping(user_id) = 1 OR user_id IS NOT NULL
 """
 _COUNTERS = f"""
 INSERT INTO usage_counters (organization_id, user_id, {METRIC_LIST})

@@ -400,6 +400,13 @@ async def timed_load(ctx: Context, server: RunningServer, spec: dict[str, Any]) 
             async with ctx.pool.acquire() as conn:
                 await conn.execute("SELECT pg_stat_statements_reset()")
         since = ctx.cpu.sample(server.pid)
+        attempt_spec = spec
+        if "ingest" in spec:
+            # New ids for each attempt: the same ids again would all be duplicates.
+            ingest = spec["ingest"]
+            attempt_spec = spec | {
+                "ingest": ingest | {"id_prefix": f"{ingest['id_prefix']}.{attempt}"}
+            }
         result = await load(
             {
                 "host": "127.0.0.1",
@@ -407,7 +414,7 @@ async def timed_load(ctx: Context, server: RunningServer, spec: dict[str, Any]) 
                 "warmup_s": ctx.warmup_s,
                 "duration_s": ctx.duration_s,
             }
-            | spec
+            | attempt_spec
         )
         result["cpu"] = ctx.cpu.usage(since, server.pid)
         result["database"] = _delta(before, await database_stats(ctx.pool))

@@ -217,6 +217,36 @@ async def test_same_id_with_other_content_in_one_batch_keeps_the_first_and_is_a_
     assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 7
 
 
+async def test_the_first_of_two_events_with_one_id_is_kept_whatever_their_content(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    org = world.organization_id
+
+    response = await post(
+        client, world.key, [event(org, "x", quantity=8), event(org, "x", quantity=7)]
+    )
+
+    assert response.json() == ok(1, conflicts=["x"])
+    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 8
+
+
+async def test_a_batch_all_new_but_one_retry_names_only_that_one(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    """Duplicates and conflicts are looked for only when fewer events went in than were
+    sent; then the events this batch inserted must not count as either."""
+    org = world.organization_id
+    await post(client, world.key, [event(org, "old", quantity=1)])
+    batch = [event(org, f"new{i}", quantity=1, user_id=world.user_id) for i in range(300)]
+
+    response = await post(
+        client, world.key, [*batch[:150], event(org, "old", quantity=2), *batch[150:]]
+    )
+
+    assert response.json() == ok(300, conflicts=["old"])
+    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 301
+
+
 async def test_a_repeat_listed_before_its_conflicting_twin_counts_once(
     client: httpx.AsyncClient, world: World
 ) -> None:

@@ -667,6 +667,57 @@ async def test_every_accepted_form_bounds_a_range_on_its_own_unit(
         assert_json(response, 200, ok(expected))
 
 
+async def test_ranges_with_partial_days_at_their_edges_are_exact_for_users_and_organizations(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """A user's partial days come from the log and its whole days from daily roll-ups (an
+    organization's partial hours from the log, whole hours and days from roll-ups); either
+    way every event counts once, before and after folding."""
+    tenant = await make_tenant(engine)
+    marked = await ingest_marked(
+        client,
+        tenant,
+        [
+            "2026-02-10T11:59:59.999999Z",
+            "2026-02-10T12:00:00Z",
+            "2026-02-10T23:59:59.999999Z",
+            "2026-02-11T00:00:00Z",
+            "2026-02-11T01:30:00Z",
+            "2026-02-12T23:59:59.999999Z",
+            "2026-02-13T00:00:00Z",
+            "2026-02-13T05:59:59.999999Z",
+            "2026-02-13T06:00:00Z",
+        ],
+    )
+    # (start_date, end_date, their echoes, the events inside)
+    ranges = [
+        # Partial days at both ends, two whole days between them.
+        ("2026-02-10T12:00:00Z", "2026-02-13T05:59:59Z", None, None, marked[1:8]),
+        # Whole days only.
+        ("2026-02-11", "2026-02-12", "2026-02-11T00:00:00Z", "2026-02-12T23:59:59Z", marked[3:6]),
+        # Inside one day, across whole hours.
+        ("2026-02-11T00:00:00Z", "2026-02-11T01:59:59Z", None, None, marked[3:5]),
+        # A partial day, then a whole one.
+        ("2026-02-10T23:59:59.999999Z", "2026-02-12", None, "2026-02-12T23:59:59Z", marked[2:6]),
+    ]
+    for fold in (False, True):
+        if fold:
+            await fold_everything(engine)
+        for start, end, start_echo, end_echo, included in ranges:
+            for params, usage in (
+                ({"organization_id": tenant.organization_id}, organization_usage),
+                ({"user_id": tenant.user_id}, user_usage),
+            ):
+                response = await get(client, tenant.key, **params, start_date=start, end_date=end)
+                expected = usage(
+                    tenant,
+                    sms_of(marked, included),
+                    start_date=start_echo or start,
+                    end_date=end_echo or end,
+                )
+                assert_json(response, 200, ok(expected))
+
+
 async def test_open_sides_reach_the_first_and_the_last_event(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:

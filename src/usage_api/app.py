@@ -12,11 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usage_api import errors
-from usage_api.auth import CurrentKey, EngineDep, PresentedKey, authenticate, presented_hash
+from usage_api.auth import CurrentKey, EngineDep, authenticate, presented_hash
 from usage_api.config import Settings, get_settings
 from usage_api.dates import make_range, parse_instant
 from usage_api.db import create_engine, run_autocommit, transact
@@ -28,20 +29,16 @@ from usage_api.observability import Metrics, ObservedFastAPI
 from usage_api.ratelimit import RateLimit, RateLimiter
 from usage_api.rollup import run_folder
 from usage_api.schemas import (
-    EndDateQuery,
     IngestResponse,
     OrganizationIdPath,
-    OrganizationIdQuery,
     OrganizationIn,
     OrganizationResponse,
     PartnerIdPath,
     PartnerIn,
     PartnerResponse,
-    StartDateQuery,
     UsageEventsIn,
     UsageResponse,
     UserIdPath,
-    UserIdQuery,
     UserIn,
     UserResponse,
     complete_openapi,
@@ -49,6 +46,7 @@ from usage_api.schemas import (
     error_responses,
     request_body,
     upsert_responses,
+    usage_parameters,
 )
 from usage_api.usage import UsageQuery, read_usage
 
@@ -229,27 +227,30 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
 
     @app.get(
         "/v1/analytics/usage",
+        openapi_extra=usage_parameters(),
         responses={200: {"model": UsageResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
     )
-    async def get_usage(
-        request: Request,
-        engine: EngineDep,
-        api_key: PresentedKey,
-        organization_id: OrganizationIdQuery = None,
-        user_id: UserIdQuery = None,
-        start_date: StartDateQuery = None,
-        end_date: EndDateQuery = None,
-    ) -> JSONResponse:
+    async def get_usage(request: Request) -> JSONResponse:
         """Usage of an organization or a user: all time, or over a date range."""
+        # The hottest route reads its parameters itself (`usage_parameters` documents them):
+        # FastAPI's parameter machinery would be a tenth of its cost.
+        params = request.query_params
+        api_key = request.headers.get("x-api-key")
+        engine: AsyncEngine = request.app.state.engine
         key_hash = presented_hash(api_key)
         try:
-            query = _usage_query(organization_id, user_id, start_date, end_date)
+            query = _usage_query(
+                params.get("organization_id"),
+                params.get("user_id"),
+                params.get("start_date"),
+                params.get("end_date"),
+            )
         except ApiError:
             # A bad key outranks bad parameters.
             request.state.key_id = (await authenticate(engine, api_key)).key_id
             raise
         # The key is checked in the same statement as the read: one round trip.
-        key_id, usage = await run_autocommit(engine, read_usage, key_hash, query)
+        key_id, usage = await read_usage(engine, key_hash, query)
         request.state.key_id = key_id
         if usage is None:
             raise not_found("user" if query.user_id is not None else "organization")

@@ -43,11 +43,14 @@ _UNNEST = "unnest({}) WITH ORDINALITY AS input({}, position)".format(
 )
 _COLUMN_LIST = ", ".join(_COLUMNS)
 
+# The first event of each (organization, id) in the batch is the one offered for insertion;
+# any repeat in the same batch is then judged against what got stored, like a retry. Only
+# the number inserted comes back: when it is the batch's size, every event was applied.
 _INSERT = text(f"""
 WITH inserted AS (
     INSERT INTO usage_events ({_COLUMN_LIST})
-    SELECT {_COLUMN_LIST} FROM {_UNNEST}
-    ORDER BY organization_id, id
+    SELECT DISTINCT ON (organization_id, id) {_COLUMN_LIST} FROM {_UNNEST}
+    ORDER BY organization_id, id, position
     ON CONFLICT (organization_id, id) DO NOTHING
     RETURNING {_COLUMN_LIST}
 ),
@@ -58,7 +61,7 @@ deltas AS (
     FROM inserted
     GROUP BY 1, 2, 3
 )
-SELECT organization_id, id FROM inserted
+SELECT count(*) FROM inserted
 """)
 
 # Which of the given events (1-based positions) differ from what is stored under their id.
@@ -72,12 +75,16 @@ WHERE (stored.user_id, stored.type, stored.direction, stored.segments, stored.se
        input.knowledge_base, input.occurred_at)
 """)
 
+# Joined with the id lists rather than `id = ANY(...)`: with a few hundred ids the planner
+# read all of `pk_users` (organization_id, id) by skip scan instead of probing `users.id`'s
+# own index once per id, about 10 ms against 1 ms for a batch of 500.
 _VISIBLE = text(f"""
 SELECT 'organization' AS kind, o.id, o.id AS organization_id FROM organizations o
-WHERE o.id = ANY(CAST(:organization_ids AS text[])) AND {VISIBLE_ORGANIZATION}
+JOIN unnest(CAST(:organization_ids AS text[])) AS wanted(id) ON o.id = wanted.id
+WHERE {VISIBLE_ORGANIZATION}
 UNION ALL
 SELECT 'user', u.id, u.organization_id FROM users u
-WHERE u.id = ANY(CAST(:user_ids AS text[]))
+JOIN unnest(CAST(:user_ids AS text[])) AS wanted(id) ON u.id = wanted.id
 """)
 
 
@@ -200,28 +207,16 @@ async def ingest(
 ) -> IngestResult:
     """Record a validated batch inside the caller's transaction."""
     await _check_targets(conn, principal, events)
-
-    # The first event of each (organization, id) is the one offered for insertion; any
-    # repeat in the same batch is then judged against what got stored, like a retry.
-    offered: dict[tuple[str, str], UsageEventIn] = {}
-    for event in events:
-        offered.setdefault((event.organization_id, event.id), event)
-    inserted = {
-        (row.organization_id, row.id)
-        for row in await conn.execute(_INSERT, _columns(list(offered.values())))
-    }
-    # In batch order, so that conflicts are listed in the order they were sent.
-    not_applied = [
-        event
-        for event in events
-        if (key := (event.organization_id, event.id)) not in inserted or offered[key] is not event
-    ]
-
-    result = IngestResult(accepted=len(inserted))
-    if not_applied:
-        conflicting = set((await conn.scalars(_CONFLICTS, _columns(not_applied))).all())
-        result.duplicates = len(not_applied) - len(conflicting)
-        for position, event in enumerate(not_applied, start=1):
+    columns = _columns(events)
+    result = IngestResult(accepted=await conn.scalar(_INSERT, columns) or 0)
+    if result.accepted < len(events):
+        # Some events were not applied: each is a duplicate or a conflict. Every event of
+        # the batch is compared with what is stored under its id; the ones this statement
+        # inserted are stored as they are, so only the others can differ.
+        conflicting = set((await conn.scalars(_CONFLICTS, columns)).all())
+        result.duplicates = len(events) - result.accepted - len(conflicting)
+        # In batch order, so that conflicts are listed in the order they were sent.
+        for position, event in enumerate(events, start=1):
             if position in conflicting and event.id not in result.conflicts:
                 result.conflicts.append(event.id)
     return result

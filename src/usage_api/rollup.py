@@ -1,11 +1,11 @@
 """Folding deltas into the roll-ups, and the SQL that sums usage rows.
 
 Ingest only appends to `usage_deltas`. `fold` moves a batch of deltas into
-`usage_counters`, `usage_hourly` and `usage_daily` in one statement that also deletes
-them, so at every snapshot each delta is counted exactly once: either still a delta or
-already in the roll-ups. Only one fold runs at a time across every process (a
-transaction-level advisory lock), so the roll-up rows it updates never contend with
-writers or with each other, and a fold interrupted at any point simply never happened.
+`usage_counters`, `usage_daily` and (organizations only) `usage_hourly` in one statement
+that also deletes them, so at every snapshot each delta is counted exactly once: either
+still a delta or already in the roll-ups. Only one fold runs at a time across every
+process (a transaction-level advisory lock), so the roll-up rows it updates never contend
+with writers or with each other, and a fold interrupted at any point simply never happened.
 """
 
 from __future__ import annotations
@@ -45,31 +45,37 @@ _ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS
 # 0x7573616765 is "usage": any constant will do as long as nothing else uses it.
 _FOLD_LOCK = 0x7573616765
 
+# Deltas are summed per day first: every daily row and every counter comes from those
+# sums, so the user rows (nearly one per delta when usage is spread over many users) are
+# sorted and grouped once instead of once per roll-up.
 _FOLD = text(f"""
 WITH batch AS (
     DELETE FROM usage_deltas
     WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT :limit))
     RETURNING organization_id, user_id, hour_at, {METRIC_COLUMNS}
 ),
+days AS (
+    SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date AS day, {METRIC_SUMS}
+    FROM batch
+    GROUP BY 1, 2, 3
+),
 targets AS (
-    SELECT organization_id, user_id, hour_at, {METRIC_COLUMNS} FROM batch WHERE user_id <> ''
+    SELECT organization_id, user_id, day, {METRIC_COLUMNS} FROM days WHERE user_id <> ''
     UNION ALL
-    SELECT organization_id, '', hour_at, {METRIC_COLUMNS} FROM batch
+    SELECT organization_id, '', day, {METRIC_SUMS} FROM days GROUP BY organization_id, day
 ),
 hourly AS (
     INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_COLUMNS})
-    SELECT organization_id, user_id, hour_at, {METRIC_SUMS} FROM targets
-    GROUP BY organization_id, user_id, hour_at
-    ORDER BY organization_id, user_id, hour_at
+    SELECT organization_id, '', hour_at, {METRIC_SUMS} FROM batch
+    GROUP BY organization_id, hour_at
+    ORDER BY organization_id, hour_at
     ON CONFLICT (organization_id, user_id, hour_at)
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_hourly")}
 ),
 daily AS (
     INSERT INTO usage_daily (organization_id, user_id, day, {METRIC_COLUMNS})
-    SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date, {METRIC_SUMS}
-    FROM targets
-    GROUP BY organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date
-    ORDER BY 1, 2, 3
+    SELECT organization_id, user_id, day, {METRIC_COLUMNS} FROM targets
+    ORDER BY organization_id, user_id, day
     ON CONFLICT (organization_id, user_id, day)
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_daily")}
 ),

@@ -8,7 +8,7 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Path, Query
+from fastapi import Path
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -46,44 +46,68 @@ EMAIL_RULES = (
 NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 
-def id_schema(max_length: int = 128, example: str | None = None) -> WithJsonSchema:
-    """The documented schema of a caller-chosen id: 1 to `max_length` visible ASCII characters."""
+def _id_json_schema(max_length: int = 128, example: str | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string", "pattern": id_pattern(max_length)}
     if example is not None:
         schema["examples"] = [example]
-    return WithJsonSchema(schema)
+    return schema
 
 
-def date_schema(example: str) -> WithJsonSchema:
-    """The documented schema of a `start_date` or `end_date` query parameter."""
-    return WithJsonSchema({"type": "string", "pattern": DATE_PATTERN, "examples": [example]})
+def _date_json_schema(example: str) -> dict[str, Any]:
+    return {"type": "string", "pattern": DATE_PATTERN, "examples": [example]}
 
 
-# Query and path parameters: routes take them as plain strings and check them in order
-# (key, ids, dates), with the contract's messages; these annotations only document them.
-OrganizationIdQuery = Annotated[
-    str | None,
-    Query(description="The organization whose usage to read."),
-    id_schema(example=EXAMPLE_ORGANIZATION_ID),
-]
-UserIdQuery = Annotated[
-    str | None,
-    Query(description="The user whose usage to read; with `organization_id`, one of its users."),
-    id_schema(example=EXAMPLE_USER_ID),
-]
-StartDateQuery = Annotated[
-    str | None,
-    Query(description="Inclusive start: a date (00:00 UTC) or a date-time (no offset: UTC)."),
-    date_schema("2026-02-10T00:00:00Z"),
-]
-EndDateQuery = Annotated[
-    str | None,
-    Query(
-        description="Inclusive end, through the unit of its finest field: `2026-03-12` covers"
-        " the whole day, `2026-03-12T23:59` the whole minute; with a fraction, that instant."
+def id_schema(max_length: int = 128, example: str | None = None) -> WithJsonSchema:
+    """The documented schema of a caller-chosen id: 1 to `max_length` visible ASCII characters."""
+    return WithJsonSchema(_id_json_schema(max_length, example))
+
+
+# The query parameters of `GET /v1/analytics/usage`, which the route reads itself and
+# checks in order (key, ids, dates) with the contract's messages: documented here only.
+_USAGE_QUERY = (
+    (
+        "organization_id",
+        "The organization whose usage to read.",
+        _id_json_schema(example=EXAMPLE_ORGANIZATION_ID),
     ),
-    date_schema("2026-03-12"),
-]
+    (
+        "user_id",
+        "The user whose usage to read; with `organization_id`, one of its users.",
+        _id_json_schema(example=EXAMPLE_USER_ID),
+    ),
+    (
+        "start_date",
+        "Inclusive start: a date (00:00 UTC) or a date-time (no offset: UTC).",
+        _date_json_schema("2026-02-10T00:00:00Z"),
+    ),
+    (
+        "end_date",
+        "Inclusive end, through the unit of its finest field: `2026-03-12` covers the whole"
+        " day, `2026-03-12T23:59` the whole minute; with a fraction, that instant.",
+        _date_json_schema("2026-03-12"),
+    ),
+)
+
+
+def usage_parameters() -> dict[str, Any]:
+    """`openapi_extra` documenting the usage read's key and optional query parameters."""
+    return {
+        "security": [{"ApiKey": []}],
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "schema": {**schema, "title": name.replace("_", " ").title()},
+                "description": description,
+            }
+            for name, description, schema in _USAGE_QUERY
+        ],
+    }
+
+
+# Path parameters: routes take them as plain strings and check them with the contract's
+# messages; these annotations only document them.
 PartnerIdPath = Annotated[
     str, Path(description="Chosen by the caller."), id_schema(example="partner_acme")
 ]
