@@ -34,7 +34,7 @@ from bench.servers import log
 from usage_api.cli import migrate_to_head
 from usage_api.models import METRICS
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 1
 CHUNK = 500_000
 LOADED_TABLES = ("usage_events", "usage_hourly", "usage_daily", "usage_counters")
 METRIC_LIST = ", ".join(METRICS)
@@ -181,23 +181,21 @@ LEFT JOIN bench.user_index u ON u.idx = d.org * {users} + d.slot
 """
 
 
-# Hourly roll-ups of [$1, $2), per organization (users have none: their ranges read the
-# log for partial days).
+# Hourly roll-ups of [$1, $2): per user, and per organization (GROUPING SETS' empty set).
 _HOURLY = f"""
 INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_LIST})
-SELECT organization_id, '', date_trunc('hour', occurred_at, 'UTC'), {event_sums()}
-FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2
-GROUP BY 1, 3
+SELECT organization_id, CASE WHEN grouping(user_id) = 1 THEN '' ELSE user_id END, hour_at,
+       {event_sums()}
+FROM (SELECT *, date_trunc('hour', occurred_at, 'UTC') AS hour_at FROM usage_events
+      WHERE occurred_at >= $1 AND occurred_at < $2) e
+GROUP BY organization_id, hour_at, GROUPING SETS ((user_id), ())
+HAVING grouping(user_id) = 1 OR user_id IS NOT NULL
 """
-# Daily roll-ups of [$1, $2): per user, and per organization (GROUPING SETS' empty set).
 _DAILY = f"""
 INSERT INTO usage_daily (organization_id, user_id, day, {METRIC_LIST})
-SELECT organization_id, CASE WHEN grouping(user_id) = 1 THEN '' ELSE user_id END, day,
-       {event_sums()}
-FROM (SELECT *, (occurred_at AT TIME ZONE 'UTC')::date AS day FROM usage_events
-      WHERE occurred_at >= $1 AND occurred_at < $2) e
-GROUP BY organization_id, day, GROUPING SETS ((user_id), ())
-HAVING grouping(user_id) = 1 OR user_id IS NOT NULL
+SELECT organization_id, user_id, (hour_at AT TIME ZONE 'UTC')::date, {ROW_SUMS}
+FROM usage_hourly WHERE hour_at >= $1 AND hour_at < $2
+GROUP BY 1, 2, 3
 """
 _COUNTERS = f"""
 INSERT INTO usage_counters (organization_id, user_id, {METRIC_LIST})

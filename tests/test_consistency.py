@@ -86,17 +86,11 @@ class Totals:
             row[slot] += int(quantity)
 
     def add_usage(
-        self,
-        organization_id: str,
-        user_id: str,
-        bucket: tuple[Any, ...],
-        metrics: list[int],
-        grain: Grain = "all",
+        self, organization_id: str, user_id: str, bucket: tuple[Any, ...], metrics: list[int]
     ) -> None:
-        """Usage of one user (or none): it counts for the organization too. Hourly roll-ups
-        are kept for organizations only."""
+        """Usage of one user (or none): it counts for the organization too."""
         self.add((organization_id, "", *bucket), metrics)
-        if user_id and grain != "hour":
+        if user_id:
             self.add((organization_id, user_id, *bucket), metrics)
 
     def as_dict(self) -> dict[Any, Metrics]:
@@ -132,9 +126,7 @@ async def log_totals(conn: AsyncConnection, grain: Grain = "all") -> dict[Any, M
     totals = Totals()
     for row in rows:
         metrics = _one(row.type, row.direction, row.knowledge_base, int(row.quantity))
-        totals.add_usage(
-            row.organization_id, row.user_id, _bucket(row.hour_at, grain), metrics, grain
-        )
+        totals.add_usage(row.organization_id, row.user_id, _bucket(row.hour_at, grain), metrics)
     return totals.as_dict()
 
 
@@ -153,7 +145,7 @@ async def rollup_totals(conn: AsyncConnection, grain: Grain) -> dict[Any, Metric
         )
     )
     for organization_id, user_id, hour_at, *metrics in deltas:
-        totals.add_usage(organization_id, user_id, _bucket(hour_at, grain), metrics, grain)
+        totals.add_usage(organization_id, user_id, _bucket(hour_at, grain), metrics)
     return totals.as_dict()
 
 

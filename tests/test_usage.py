@@ -670,9 +670,8 @@ async def test_every_accepted_form_bounds_a_range_on_its_own_unit(
 async def test_ranges_with_partial_days_at_their_edges_are_exact_for_users_and_organizations(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
-    """A user's partial days come from the log and its whole days from daily roll-ups (an
-    organization's partial hours from the log, whole hours and days from roll-ups); either
-    way every event counts once, before and after folding."""
+    """Partial hours come from the log, whole hours and days from roll-ups (or deltas not
+    yet folded): every event counts once, before and after folding."""
     tenant = await make_tenant(engine)
     marked = await ingest_marked(
         client,

@@ -8,8 +8,7 @@ Usage is kept three ways that always agree:
   (organization, user, hour). Writers only ever insert here, so no row is hot.
 - `usage_counters`, `usage_hourly`, `usage_daily`: roll-ups that `rollup.fold` moves
   deltas into, deleting them in the same statement. Readers add the deltas not yet
-  folded, so a read is exact and real time whatever the fold lags. `usage_hourly` holds
-  organizations only: a user's partial days are read from the log instead.
+  folded, so a read is exact and real time whatever the fold lags.
 
 In roll-ups and deltas `user_id = ''` stands for "no user": the organization's own row
 in the roll-ups, an event without a user in the deltas. Real ids are never empty.

@@ -1,11 +1,11 @@
 """Folding deltas into the roll-ups, and the SQL that sums usage rows.
 
 Ingest only appends to `usage_deltas`. `fold` moves a batch of deltas into
-`usage_counters`, `usage_daily` and (organizations only) `usage_hourly` in one statement
-that also deletes them, so at every snapshot each delta is counted exactly once: either
-still a delta or already in the roll-ups. Only one fold runs at a time across every
-process (a transaction-level advisory lock), so the roll-up rows it updates never contend
-with writers or with each other, and a fold interrupted at any point simply never happened.
+`usage_counters`, `usage_hourly` and `usage_daily` in one statement that also deletes
+them, so at every snapshot each delta is counted exactly once: either still a delta or
+already in the roll-ups. Only one fold runs at a time across every process (a
+transaction-level advisory lock), so the roll-up rows it updates never contend with
+writers or with each other, and a fold interrupted at any point simply never happened.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ _ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS
 # 0x7573616765 is "usage": any constant will do as long as nothing else uses it.
 _FOLD_LOCK = 0x7573616765
 
-# Deltas are summed per day first: every daily row and every counter comes from those
-# sums, so the user rows (nearly one per delta when usage is spread over many users) are
-# sorted and grouped once instead of once per roll-up.
+# Deltas are summed per hour for the hourly rows, and per day once: every daily row and
+# every counter comes from those day sums, so the user rows (nearly one per delta when
+# usage is spread over many users) are not sorted and grouped again for each roll-up.
 _FOLD = text(f"""
 WITH batch AS (
     DELETE FROM usage_deltas
@@ -66,9 +66,12 @@ targets AS (
 ),
 hourly AS (
     INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_COLUMNS})
+    SELECT organization_id, user_id, hour_at, {METRIC_SUMS} FROM batch WHERE user_id <> ''
+    GROUP BY organization_id, user_id, hour_at
+    UNION ALL
     SELECT organization_id, '', hour_at, {METRIC_SUMS} FROM batch
     GROUP BY organization_id, hour_at
-    ORDER BY organization_id, hour_at
+    ORDER BY 1, 2, 3
     ON CONFLICT (organization_id, user_id, hour_at)
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_hourly")}
 ),

@@ -3,12 +3,10 @@
 Each answer is one statement, so one snapshot and one round trip: the caller's key, the
 entity, its scope check and its sums. It runs on asyncpg directly (`db.fetch_row`): this
 is the hottest route, and SQLAlchemy's execution layers cost as much as the statement.
-All time is the counter row plus the deltas not yet folded into it. An organization's
-range is cut into whole UTC days (daily roll-ups), whole hours (hourly roll-ups) and the
-partial hours at its edges (raw log rows), plus the unfolded deltas of its whole hours; its
-cost depends on the range's shape, not on how much usage the organization has. A user's
-range is cut into whole days and the partial days at its edges: at most two days of that
-one user's events.
+All time is the counter row plus the deltas not yet folded into it. A range is cut into
+whole UTC days (daily roll-ups), whole hours (hourly roll-ups) and the partial hours at
+its edges (raw log rows), plus the unfolded deltas of its whole hours; its cost depends
+on the range's shape, not on how much usage the organization has.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ _ALL_TIME_PARTS = f"""
     SELECT {METRIC_COLUMNS} FROM usage_deltas WHERE {{events}}
 """
 
-# An organization's range: whole days from daily roll-ups, whole hours from hourly ones,
-# raw rows for the partial hours at the edges.
 _RANGE_PARTS = f"""
     SELECT {EVENT_SUMS} FROM usage_events
     WHERE {{events}} AND occurred_at >= :start AND occurred_at < :first_hour
@@ -57,23 +53,6 @@ _RANGE_PARTS = f"""
     UNION ALL
     SELECT {METRIC_COLUMNS} FROM usage_deltas
     WHERE {{events}} AND hour_at >= :first_hour AND hour_at < :last_hour
-"""
-
-# A user's range: users have no hourly roll-ups (they would double the folder's work for
-# rows few reads need), so the partial days at the edges come from the log. That is at
-# most two days of one user's events, read from the (organization, user, time) index.
-_USER_RANGE_PARTS = f"""
-    SELECT {EVENT_SUMS} FROM usage_events
-    WHERE {{events}} AND occurred_at >= :start AND occurred_at < :first_day_at
-    UNION ALL
-    SELECT {EVENT_SUMS} FROM usage_events
-    WHERE {{events}} AND occurred_at >= :last_day_at AND occurred_at < :end
-    UNION ALL
-    SELECT {METRIC_COLUMNS} FROM usage_daily
-    WHERE {{rollups}} AND day >= :first_day AND day < :last_day
-    UNION ALL
-    SELECT {METRIC_COLUMNS} FROM usage_deltas
-    WHERE {{events}} AND hour_at >= :first_day_at AND hour_at < :last_day_at
 """
 
 # No row: the key is unknown, revoked or expired. A row with a NULL `id`: the entity is
@@ -120,12 +99,13 @@ class _Statement:
 
 
 def _statement(kind: str, ranged: bool) -> _Statement:
+    parts = _RANGE_PARTS if ranged else _ALL_TIME_PARTS
     if kind == "user":
-        template, parts = _USER, _USER_RANGE_PARTS if ranged else _ALL_TIME_PARTS
+        template = _USER
         events = "organization_id = u.organization_id AND user_id = u.id"
         rollups = events
     else:
-        template, parts = _ORGANIZATION, _RANGE_PARTS if ranged else _ALL_TIME_PARTS
+        template = _ORGANIZATION
         events = "organization_id = o.id"
         rollups = "organization_id = o.id AND user_id = ''"
     return _Statement.from_named(
@@ -151,18 +131,14 @@ def _ceil(at: datetime, unit: timedelta) -> datetime:
     return floor if floor == at else floor + unit
 
 
-def range_params(span: DateRange, hourly: bool = True) -> dict[str, Any]:
-    """Cut `[start, end)` into raw edges, whole hours (unless not `hourly`: a user's) and
-    whole days (all UTC)."""
+def range_params(span: DateRange) -> dict[str, Any]:
+    """Cut `[start, end)` into raw edges, whole hours and whole days (all UTC)."""
     start, end = span.start, span.end_exclusive
-    if hourly:
-        first_hour, last_hour = _ceil(start, HOUR), _floor(end, HOUR)
-        if first_hour >= last_hour:  # no whole hour: all of it is raw rows
-            first_hour = last_hour = end
-    else:
-        first_hour, last_hour = start, end
+    first_hour, last_hour = _ceil(start, HOUR), _floor(end, HOUR)
+    if first_hour >= last_hour:  # no whole hour: all of it is raw rows
+        first_hour = last_hour = end
     first_day, last_day = _ceil(first_hour, DAY), _floor(last_hour, DAY)
-    if first_day >= last_day:  # no whole day: all of it is whole hours or raw rows
+    if first_day >= last_day:  # no whole day: all whole hours come from hourly roll-ups
         first_day = last_day = last_hour
     return {
         "start": start,
@@ -204,7 +180,7 @@ async def read_usage(
         "user_id": query.user_id,
     }
     if query.span is not None:
-        params.update(range_params(query.span, hourly=kind == "organization"))
+        params.update(range_params(query.span))
     statement = _STATEMENTS[kind, query.span is not None]
     row = await fetch_row(engine, statement.sql, *(params[n] for n in statement.names))
     if row is None:
