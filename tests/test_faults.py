@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import httpx
@@ -55,9 +55,9 @@ from tests.test_crash import Server
 from usage_api import db
 from usage_api.app import create_app
 from usage_api.config import Settings
-from usage_api.db import create_engine, fetch_row
+from usage_api.db import create_engine
 from usage_api.embedded import EmbeddedPostgres
-from usage_api.errors import ServiceUnavailable, is_unavailable
+from usage_api.errors import is_unavailable
 
 UNAVAILABLE = {"success": False, "error": "service temporarily unavailable"}
 # A client gives up after this long: an answer that needs it is a hang.
@@ -778,6 +778,8 @@ async def test_a_database_that_stops_answering_is_a_503_soon_after_the_statement
         asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
         asyncpg.InterfaceError("connection is closed"),
         asyncpg.InterfaceError("cannot call fetch(): the underlying connection is closed"),
+        # The server's error reached the connection, its close not yet.
+        asyncpg.InternalClientError("cannot switch to state 12; another operation is in progress"),
         ConnectionRefusedError(111, "Connection refused"),
         ConnectionResetError(104, "Connection reset by peer"),
         TimeoutError(),
@@ -808,66 +810,6 @@ def test_errors_of_an_absent_database_are_unavailable(error: Exception) -> None:
 def test_errors_of_a_wrong_request_or_a_bug_are_not_unavailable(error: Exception) -> None:
     assert not is_unavailable(error)
     assert not is_unavailable(DBAPIError("SELECT 1", None, error))
-
-
-# --- reads on asyncpg directly -----------------------------------------------------------
-
-
-class _Pooled:
-    """A pooled connection as `fetch_row` sees it."""
-
-    def __init__(self, outcome: Any) -> None:
-        self.outcome = outcome
-        self.driver_connection = self
-        self.invalidated = False
-        self.returned = False
-
-    async def fetchrow(self, *_: Any) -> Any:
-        if isinstance(self.outcome, BaseException):
-            raise self.outcome
-        return self.outcome
-
-    def invalidate(self, _: BaseException | None = None) -> None:
-        self.invalidated = True
-
-    def close(self) -> None:
-        self.returned = True
-
-
-class _Pool:
-    def __init__(self, *outcomes: Any) -> None:
-        self.handed = [_Pooled(outcome) for outcome in outcomes]
-        self._next = iter(self.handed)
-
-    async def raw_connection(self) -> _Pooled:
-        return next(self._next)
-
-
-def _closing() -> Exception:
-    # What asyncpg raises when the server's error reached the connection but its close not yet.
-    return asyncpg.InternalClientError(
-        "cannot switch to state 12; another operation (2) is in progress"
-    )
-
-
-async def test_a_read_on_a_connection_the_server_is_closing_goes_again_on_another() -> None:
-    pool = _Pool(_closing(), {"id": "o1"})
-    assert await fetch_row(cast(Any, pool), "SELECT 1") == {"id": "o1"}
-    assert [(p.invalidated, p.returned) for p in pool.handed] == [(True, False), (False, True)]
-
-
-async def test_a_read_that_finds_only_connections_being_closed_is_a_503() -> None:
-    pool = _Pool(*(_closing() for _ in range(5)))
-    with pytest.raises(ServiceUnavailable):
-        await fetch_row(cast(Any, pool), "SELECT 1")
-    assert all(p.invalidated and not p.returned for p in pool.handed)
-
-
-async def test_a_read_that_fails_otherwise_is_not_tried_again_and_drops_its_connection() -> None:
-    pool = _Pool(ValueError("a bug"), {"id": "o1"})
-    with pytest.raises(ValueError):
-        await fetch_row(cast(Any, pool), "SELECT 1")
-    assert (pool.handed[0].invalidated, pool.handed[0].returned) == (True, False)
 
 
 # --- statement timeout -----------------------------------------------------------------

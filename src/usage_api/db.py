@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -182,31 +181,21 @@ async def fetch_row(engine: AsyncEngine, statement: str, *args: Any) -> Any:
     but the statement skips SQLAlchemy's execution (a greenlet switch, the cursor and
     result layers: about 0.3 ms a statement); asyncpg prepares it once per connection.
     """
-    for attempt in range(1, _MAX_ATTEMPTS + 1):
-        try:
-            pooled = await engine.raw_connection()
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise _unavailable(exc) from exc
-            raise
-        driver: Any = pooled.driver_connection  # asyncpg's Connection
-        try:
-            row = await driver.fetchrow(statement, *args)
-        except BaseException as exc:
-            # Whatever went wrong (a timeout, a cancelled request), the connection may still
-            # be busy with the statement: close it rather than hand it to the next request.
-            pooled.invalidate(exc if isinstance(exc, Exception) else None)
-            if isinstance(exc, asyncpg.InternalClientError):
-                # A server going down sends its idle connections an error before closing
-                # them; in between, asyncpg refuses to start a statement on one of them
-                # and `_drop_closed` cannot tell it yet. Nothing was sent: the read goes
-                # again on another connection, and is a 503 if none is left.
-                if attempt < _MAX_ATTEMPTS:
-                    continue
-                raise _unavailable(exc) from exc
-            if isinstance(exc, Exception) and is_unavailable(exc):
-                raise _unavailable(exc) from exc
-            raise
-        pooled.close()
-        return row
-    raise AssertionError("unreachable")
+    try:
+        pooled = await engine.raw_connection()
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise _unavailable(exc) from exc
+        raise
+    driver: Any = pooled.driver_connection  # asyncpg's Connection
+    try:
+        row = await driver.fetchrow(statement, *args)
+    except BaseException as exc:
+        # Whatever went wrong (a timeout, a cancelled request), the connection may still
+        # be busy with the statement: close it rather than hand it to the next request.
+        pooled.invalidate(exc if isinstance(exc, Exception) else None)
+        if isinstance(exc, Exception) and is_unavailable(exc):
+            raise _unavailable(exc) from exc
+        raise
+    pooled.close()
+    return row

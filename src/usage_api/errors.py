@@ -90,6 +90,11 @@ def is_unavailable(exc: BaseException) -> bool:
         # "the underlying connection is closed" say the server went away.
         if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
             return True
+        # A server going down sends its idle connections an error before closing them; in
+        # between, asyncpg refuses to start a statement on one (no connection is ever
+        # shared here, so that is the only way to meet this). Nothing was sent.
+        if isinstance(error, asyncpg.InternalClientError):
+            return True
         error = error.orig if isinstance(error, DBAPIError) else error.__cause__
     return False
 
