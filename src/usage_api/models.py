@@ -197,13 +197,15 @@ class UsageEvent(Base):
 
 
 class UsageDelta(Metrics, Base):
+    """The primary key leads with what reads look deltas up by; `id` only makes it unique.
+    So appending a delta writes one index entry, not two."""
+
     __tablename__ = "usage_deltas"
-    __table_args__ = (Index(None, "organization_id", "user_id", "hour_at"),)
 
     organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    user_id: Mapped[str] = mapped_column(String(128))
-    hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class UsageCounter(Metrics, Base):
