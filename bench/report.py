@@ -370,6 +370,18 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
                 rows,
             ),
         ]
+        every_round = "; ".join(
+            f"{r['workers']} workers: " + ", ".join(f"{_num(x * 100)}%" for x in r["ratios"])
+            for r in c["runs"]
+            if "ratios" in r
+        )
+        if every_round:
+            parts += [
+                "",
+                f"Each worker count: {len(c['runs'][0]['ratios'])} rounds of both apps,"
+                " alternating which goes first; the rows above are the round with the median"
+                f" API/floor ratio. Every round's ratio: {every_round}.",
+            ]
         parts += _statements("API counter reads", c["main"]["api"])
     if "ingestion" in results:
         i = results["ingestion"]

@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=2, help="uvicorn workers under test")
     parser.add_argument(
+        "--counter-rounds",
+        type=int,
+        default=3,
+        help="api/floor pairs per worker count in the counter scenario; the median ratio counts",
+    )
+    parser.add_argument(
         "--counter-workers",
         default="1,2",
         help="worker counts for the counter-read comparison (comma-separated)",
@@ -220,15 +226,28 @@ async def _scenarios(
         api_paths, floor_paths = scenarios.counter_paths(ctx)
         counter_runs = []
         worker_counts = sorted({int(w) for w in args.counter_workers.split(",")} | {args.workers})
+        rounds = 1 if args.quick else args.counter_rounds
         for workers in worker_counts:
-            measured: dict[str, Any] = {"workers": workers}
-            for name, paths in (("api", api_paths), ("floor", floor_paths)):
-                log(f"counter reads: {name}, {workers} workers")
-                async with serving(spec(name, workers), logs) as server:
-                    measured[name] = await scenarios.counter_reads(
-                        ctx, server, paths, key=name == "api"
-                    )
-            counter_runs.append(measured)
+            pairs = []
+            for round_ in range(rounds):
+                # Alternated (api, floor, then floor, api, ...): a machine whose speed drifts
+                # favours neither side.
+                order = ("api", "floor") if round_ % 2 == 0 else ("floor", "api")
+                pair: dict[str, Any] = {"workers": workers}
+                for name in order:
+                    log(f"counter reads: {name}, {workers} workers, round {round_ + 1}/{rounds}")
+                    async with serving(spec(name, workers), logs) as server:
+                        pair[name] = await scenarios.counter_reads(
+                            ctx,
+                            server,
+                            api_paths if name == "api" else floor_paths,
+                            key=name == "api",
+                        )
+                pairs.append(pair)
+            ratios = [p["api"]["total"]["rps"] / p["floor"]["total"]["rps"] for p in pairs]
+            # The round with the median ratio stands for the worker count; all ratios are kept.
+            median = sorted(range(rounds), key=ratios.__getitem__)[rounds // 2]
+            counter_runs.append(pairs[median] | {"ratios": ratios})
         results["counters"] = {
             "runs": counter_runs,
             "main": next(r for r in counter_runs if r["workers"] == args.workers),
