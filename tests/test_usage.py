@@ -175,6 +175,20 @@ async def test_organization_id_alone_gives_the_organizations_usage(
     assert list(response.json()["usage"]) == ORGANIZATION_KEYS
 
 
+async def test_head_answers_like_get_without_a_body(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    tenant = await make_tenant(engine)
+    params = {"organization_id": tenant.organization_id}
+    headers = {"X-API-Key": tenant.key}
+    got = await client.get("/v1/analytics/usage", params=params, headers=headers)
+    head = await client.head("/v1/analytics/usage", params=params, headers=headers)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == got.headers["content-length"]
+    missing = await client.head("/v1/analytics/usage", params={"organization_id": "no"})
+    assert (missing.status_code, missing.content) == (401, b"")
+
+
 async def test_user_id_alone_gives_only_that_users_usage(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
