@@ -12,6 +12,7 @@ import asyncio
 import random
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -24,8 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tests.factories import ADMIN, event, make_key, make_organization, make_user
 from usage_api import rollup
+from usage_api.config import Settings
 from usage_api.dates import utc_now
-from usage_api.db import transact
+from usage_api.db import create_engine, transact
 from usage_api.ingest import ingest, parse_events
 
 # (organization_id, user_id): user_id "" is the organization as a whole, every user included.
@@ -524,3 +526,28 @@ async def test_a_fold_during_a_long_ingest_transaction_is_exact(engine: AsyncEng
     assert await transact(engine, write) == 100
     await rollup.fold_all(engine)
     await assert_snapshot_consistent(engine)
+
+
+async def test_a_fold_is_not_cut_short_by_the_statement_timeout_of_requests(
+    database_url: str, settings: Settings
+) -> None:
+    """Folding is background work: a fold longer than a request may run still completes."""
+    engine = create_engine(replace(settings, statement_timeout_ms=50), database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("SET LOCAL statement_timeout = 0"))
+            await conn.execute(
+                text(
+                    "INSERT INTO usage_deltas (organization_id, user_id, hour_at, sms_outbound)"
+                    " SELECT 'o' || n % 100, 'u' || n,"
+                    " timestamptz '2026-01-01' + n * interval '1 hour', 1"
+                    " FROM generate_series(1, 30000) AS n"
+                )
+            )
+        assert await rollup.fold_all(engine, limit=30_000) == 30_000
+        async with engine.connect() as conn:
+            organizations = text("SELECT sum(sms_outbound) FROM usage_counters WHERE user_id = ''")
+            assert await conn.scalar(organizations) == 30_000
+            assert await count(engine, "usage_deltas") == 0
+    finally:
+        await engine.dispose()

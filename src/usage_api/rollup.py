@@ -94,9 +94,17 @@ SELECT count(*) FROM batch
 """)
 
 
+# A fold is background work, not a request: under a heavy write load a fold of 20,000
+# deltas can take longer than a request's statement_timeout, and a fold cut short is
+# all its work thrown away, again and again while the load lasts.
+_LOCK_FOR_FOLD = text(
+    "SELECT pg_try_advisory_xact_lock(:key), set_config('statement_timeout', '5min', true)"
+)
+
+
 async def fold(conn: AsyncConnection, limit: int = 20_000) -> int | None:
     """Fold up to `limit` deltas; the number folded, or None if another fold holds the lock."""
-    locked = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _FOLD_LOCK})
+    locked = (await conn.execute(_LOCK_FOR_FOLD, {"key": _FOLD_LOCK})).scalar()
     if not locked:
         return None
     folded = await conn.scalar(_FOLD, {"limit": limit})
