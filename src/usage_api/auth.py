@@ -115,11 +115,11 @@ _API_KEY = APIKeyHeader(
 )
 
 
-# The key as presented, not yet checked: for routes that check it in their own statement.
-PresentedKey = Annotated[str | None, Security(_API_KEY)]
-
-
-async def current_key(request: Request, engine: EngineDep, x_api_key: PresentedKey) -> Principal:
+async def current_key(
+    request: Request,
+    engine: EngineDep,
+    x_api_key: Annotated[str | None, Security(_API_KEY)],
+) -> Principal:
     principal = await authenticate(engine, x_api_key)
     # For the access log, which names a key by its id only.
     request.state.key_id = principal.key_id
