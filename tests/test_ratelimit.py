@@ -20,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import make_key, make_organization, serving
+from tests.factories import free_port, make_key, make_organization, serving
 from usage_api.app import create_app
+from usage_api.auth import hash_key
 from usage_api.config import Settings
 from usage_api.db import create_engine
+from usage_api.errors import ServiceUnavailable
+from usage_api.ratelimit import RateLimiter
 
 USAGE = "/v1/analytics/usage"
 LIMIT = 10
@@ -224,6 +228,35 @@ async def test_the_last_requests_are_recorded_at_shutdown(
     async with replica(database_url, settings) as api:
         assert (await last_use(api.app.state.engine))[0] is not None
         assert [requests for _, requests in await window_of(api.app.state.engine)] == [1]
+
+
+async def test_the_limit_holds_while_the_database_is_away_and_nothing_is_lost(
+    database_url: str, settings: Settings
+) -> None:
+    """A sync that cannot reach the database keeps its counts for the next one; meanwhile
+    the process goes on deciding from what it knows."""
+    clock = Clock()
+    limiter = RateLimiter(LIMIT, 60, 3600, clock)
+    engine = create_engine(settings, database_url)
+    # Nothing listens on this port: every sync fails at once, as with a stopped server.
+    away = create_engine(settings, f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    try:
+        key = await make_key(engine)
+        key_hash = hash_key(key)
+        for _ in range(4):
+            assert limiter.take(key_hash) is not None
+        with pytest.raises(ServiceUnavailable):
+            await limiter.sync(away)
+        decisions = [limiter.take(key_hash) for _ in range(LIMIT)]
+        assert [d.allowed for d in decisions if d is not None] == [True] * 6 + [False] * 4
+        with pytest.raises(ServiceUnavailable):
+            await limiter.sync(away)
+        # Back: all ten admitted requests are counted once.
+        await limiter.sync(engine)
+        assert await window_of(engine) == [(datetime.fromtimestamp(WINDOW_START, UTC), LIMIT)]
+    finally:
+        await engine.dispose()
+        await away.dispose()
 
 
 # Two worker processes of `usage-api serve`, for real.
