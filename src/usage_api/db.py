@@ -12,9 +12,10 @@ after a restart are served normally (see docs/reliability.md for the figures).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import event
@@ -121,6 +122,19 @@ def _unavailable(exc: BaseException) -> ServiceUnavailable:
     return ServiceUnavailable()
 
 
+@contextlib.contextmanager
+def _unavailable_as_503() -> Iterator[None]:
+    """Errors that mean the database is away become the 503; the rest pass unchanged."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise _unavailable(exc) from exc
+        raise
+
+
 async def transact(
     engine: AsyncEngine,
     work: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
@@ -131,25 +145,17 @@ async def transact(
 
     Serialization failures and deadlocks are retried; an unreachable database becomes a 503.
     """
-    for attempt in range(1, _MAX_ATTEMPTS + 1):
-        try:
-            async with engine.begin() as conn:
-                return await work(conn, *args, **kwargs)
-        except ApiError:
-            raise
-        except DBAPIError as exc:
-            sqlstate = getattr(exc.orig, "sqlstate", None)
-            if sqlstate in _RETRYABLE_SQLSTATES and attempt < _MAX_ATTEMPTS:
+    with _unavailable_as_503():
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                async with engine.begin() as conn:
+                    return await work(conn, *args, **kwargs)
+            except DBAPIError as exc:
+                sqlstate = getattr(exc.orig, "sqlstate", None)
+                if sqlstate not in _RETRYABLE_SQLSTATES or attempt == _MAX_ATTEMPTS:
+                    raise
                 log.info("retrying transaction after %s (attempt %d)", sqlstate, attempt)
                 await asyncio.sleep(0.005 * 2**attempt)
-                continue
-            if is_unavailable(exc):
-                raise _unavailable(exc) from exc
-            raise
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise _unavailable(exc) from exc
-            raise
     raise AssertionError("unreachable")
 
 
@@ -161,16 +167,10 @@ async def run_autocommit(
 ) -> T:
     """Run `work(conn, ...)` outside a transaction: for a single read statement, which
     has its own snapshot anyway, this saves the BEGIN and COMMIT round trips."""
-    try:
+    with _unavailable_as_503():
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             return await work(conn, *args, **kwargs)
-    except ApiError:
-        raise
-    except Exception as exc:
-        if is_unavailable(exc):
-            raise _unavailable(exc) from exc
-        raise
 
 
 async def fetch_row(engine: AsyncEngine, statement: str, *args: Any) -> Any:
@@ -181,21 +181,15 @@ async def fetch_row(engine: AsyncEngine, statement: str, *args: Any) -> Any:
     but the statement skips SQLAlchemy's execution (a greenlet switch, the cursor and
     result layers: about 0.3 ms a statement); asyncpg prepares it once per connection.
     """
-    try:
+    with _unavailable_as_503():
         pooled = await engine.raw_connection()
-    except Exception as exc:
-        if is_unavailable(exc):
-            raise _unavailable(exc) from exc
-        raise
-    driver: Any = pooled.driver_connection  # asyncpg's Connection
-    try:
-        row = await driver.fetchrow(statement, *args)
-    except BaseException as exc:
-        # Whatever went wrong (a timeout, a cancelled request), the connection may still
-        # be busy with the statement: close it rather than hand it to the next request.
-        pooled.invalidate(exc if isinstance(exc, Exception) else None)
-        if isinstance(exc, Exception) and is_unavailable(exc):
-            raise _unavailable(exc) from exc
-        raise
-    pooled.close()
-    return row
+        driver: Any = pooled.driver_connection  # asyncpg's Connection
+        try:
+            row = await driver.fetchrow(statement, *args)
+        except BaseException as exc:
+            # Whatever went wrong (a timeout, a cancelled request), the connection may
+            # still be busy with the statement: close it rather than hand it to the next.
+            pooled.invalidate(exc if isinstance(exc, Exception) else None)
+            raise
+        pooled.close()
+        return row
