@@ -196,11 +196,8 @@ class RateLimit:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = _presented_key(scope) if scope["type"] == "http" else None
-        if key is None or not scope["path"].startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        decision = self.limiter.take(hash_key(key))
+        key = _presented_key(scope) if scope.get("path", "").startswith("/v1/") else None
+        decision = self.limiter.take(hash_key(key)) if key is not None else None
         if decision is None:
             await self.app(scope, receive, send)
             return
