@@ -26,6 +26,7 @@ from bench.dataset import Organization, Params, event_sums, verify_counters
 from bench.loadgen import percentile
 from bench.servers import CpuMeter, RunningServer, load, log
 from usage_api.models import METRICS
+from usage_api.usage import metrics_of
 
 SPANS = (
     ("1 hour", timedelta(hours=1)),
@@ -299,15 +300,7 @@ async def exactness(
                 expected = await naive(conn, target, start, end)
             got: tuple[int, ...] | None = None
             if response.status_code == 200:
-                usage = response.json()["usage"]
-                got = (
-                    usage["sms"]["outbound"],
-                    usage["sms"]["inbound"],
-                    usage["mms"]["outbound"],
-                    usage["mms"]["inbound"],
-                    usage["voice"]["seconds"],
-                    usage["voice"]["kb_seconds"],
-                )
+                got = metrics_of(response.json()["usage"])
             if got != expected:
                 mismatches.append(
                     f"{urlencode(query)}: API {response.status_code} {got}, log {expected}"
@@ -510,15 +503,7 @@ async def after_ingestion(ctx: Context, port: int, started: datetime) -> dict[st
         )
     async with ctx.pool.acquire() as conn:
         expected = await naive(conn, Target("busy", ctx.busy.id, None), None, None)
-    usage = response.json()["usage"]
-    got = (
-        usage["sms"]["outbound"],
-        usage["sms"]["inbound"],
-        usage["mms"]["outbound"],
-        usage["mms"]["inbound"],
-        usage["voice"]["seconds"],
-        usage["voice"]["kb_seconds"],
-    )
+    got = metrics_of(response.json()["usage"])
     return {
         "pending_deltas": pending,
         "exactness": ranges,

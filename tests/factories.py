@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -180,3 +181,19 @@ async def serving(
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 20)
+
+
+def sigkill_postmaster(data_dir: Path, timeout: float = 5.0) -> None:
+    """SIGKILL the PostgreSQL server of `data_dir`, and wait until it is gone (kill()
+    returns before that; without a reaping init the process stays a zombie)."""
+    pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.005)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests.factories import sigkill_postmaster
 from usage_api.embedded import EmbeddedPostgres, default_data_dir
 
 
@@ -30,20 +28,6 @@ def _query(url: str, *statements: str) -> Any:
             await conn.close()
 
     return asyncio.run(run())
-
-
-def _wait_until_dead(pid: int, timeout: float = 5.0) -> None:
-    # kill() returns before the target is gone; without a reaping init it stays a zombie.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"postmaster {pid} still alive after SIGKILL")
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +66,7 @@ def test_start_after_postmaster_was_sigkilled(data_dir: Path) -> None:
     killed = EmbeddedPostgres(data_dir)
     url = killed.start()
     _query(url, "CREATE TABLE crash (v int)", "INSERT INTO crash VALUES (1)")
-    pid = int((data_dir / "postmaster.pid").read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
-    _wait_until_dead(pid)
+    sigkill_postmaster(data_dir)
     killed.stop()  # server already gone: must not raise
     assert (data_dir / "postmaster.pid").exists()  # stale lock left behind
 

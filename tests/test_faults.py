@@ -42,7 +42,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import alembic_config
-from tests.factories import event, free_port, make_key, make_organization, make_user
+from tests.factories import (
+    event,
+    free_port,
+    make_key,
+    make_organization,
+    make_user,
+    sigkill_postmaster,
+)
 from tests.test_consistency import (
     Key,
     Metrics,
@@ -58,6 +65,7 @@ from usage_api.config import Settings
 from usage_api.db import create_engine
 from usage_api.embedded import EmbeddedPostgres
 from usage_api.errors import is_unavailable
+from usage_api.usage import metrics_of
 
 UNAVAILABLE = {"success": False, "error": "service temporarily unavailable"}
 # A client gives up after this long: an answer that needs it is a hang.
@@ -90,9 +98,7 @@ class Database:
 
     def kill(self) -> None:
         """SIGKILL to the postmaster: the next start replays the WAL."""
-        pid = int((self.server.data_dir / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)
-        _wait_until_dead(pid)
+        sigkill_postmaster(self.server.data_dir)
         # Its backends notice and exit on their own; a request is served by none of them.
         _wait_until_no_sessions(self.port)
         self.server.stop()  # only forgets it: nothing is left to stop
@@ -126,19 +132,6 @@ def _children(parent: int) -> list[int]:
             if int(ppid) == parent:
                 children.append(int(entry.name))
     return children
-
-
-def _wait_until_dead(pid: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return
-        if state in ("Z", "X"):  # a zombie when no init reaps it
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"postmaster {pid} still alive after SIGKILL")
 
 
 def _wait_until_no_sessions(port: int, timeout: float = 5.0) -> None:
@@ -556,15 +549,7 @@ async def ride_out_restarts(database: Database, server: Server, load: Load) -> R
                     headers={"X-API-Key": read_key},
                 )  # fmt: skip
                 if kind == "read" and response is not None and response.status_code == 200:
-                    usage = response.json()["usage"]
-                    now = (
-                        usage["sms"]["outbound"],
-                        usage["sms"]["inbound"],
-                        usage["mms"]["outbound"],
-                        usage["mms"]["inbound"],
-                        usage["voice"]["seconds"],
-                        usage["voice"]["kb_seconds"],
-                    )
+                    now = metrics_of(response.json()["usage"])
                     before = seen.get((organization_id, user_id), now)
                     if any(a < b for a, b in zip(now, before, strict=True)):
                         run.backwards_reads += 1

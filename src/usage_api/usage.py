@@ -168,6 +168,19 @@ def _metrics(row: Any) -> dict[str, Any]:
     }
 
 
+def metrics_of(usage: dict[str, Any]) -> tuple[int, ...]:
+    """The metrics of a `usage` answer back in `METRICS` order: what `_metrics` spread out."""
+    sms, mms, voice = usage["sms"], usage["mms"], usage["voice"]
+    return (
+        sms["outbound"],
+        sms["inbound"],
+        mms["outbound"],
+        mms["inbound"],
+        voice["seconds"],
+        voice["kb_seconds"],
+    )
+
+
 async def read_usage(
     engine: AsyncEngine, key_hash: bytes, query: UsageQuery
 ) -> tuple[str, dict[str, Any] | None]:
