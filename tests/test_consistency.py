@@ -521,26 +521,39 @@ async def test_a_fold_during_a_long_ingest_transaction_is_exact(engine: AsyncEng
     await assert_snapshot_consistent(engine)
 
 
-async def test_a_fold_is_not_cut_short_by_the_statement_timeout_of_requests(
+async def test_a_fold_is_not_cut_short_by_the_timeouts_of_requests(
     engine: AsyncEngine, database_url: str, settings: Settings
 ) -> None:
-    """Folding is background work: a fold longer than a request may run still completes."""
+    """Folding is background work: a fold that takes longer than any request may still
+    completes, cut neither by the server's statement_timeout nor by the client's own."""
     async with engine.begin() as conn:
         await conn.execute(
             text(
                 "INSERT INTO usage_deltas (organization_id, user_id, hour_at, sms_outbound)"
                 " SELECT 'o' || n % 100, 'u' || n,"
                 " timestamptz '2026-01-01' + n * interval '1 hour', 1"
-                " FROM generate_series(1, 30000) AS n"
+                " FROM generate_series(1, 3000) AS n"
             )
         )
-    # Only the fold runs with the short timeout; folding 30,000 deltas takes far longer.
+        await conn.execute(
+            text("INSERT INTO usage_counters (organization_id, user_id) VALUES ('o1', '')")
+        )
+    # Requests give up after 200 ms on the server and 1.2 s on the client; the fold
+    # waits 2 s for a counter row another transaction holds.
     hurried = create_engine(replace(settings, statement_timeout_ms=200), database_url)
     try:
-        assert await rollup.fold_all(hurried, limit=30_000) == 30_000
+        async with engine.connect() as holder:
+            await holder.execute(
+                text("SELECT 1 FROM usage_counters WHERE organization_id = 'o1' FOR UPDATE")
+            )
+            folding = asyncio.create_task(rollup.fold_all(hurried, limit=3000))
+            await asyncio.sleep(2.0)
+            assert not folding.done()
+            await holder.commit()
+        assert await folding == 3000
     finally:
         await hurried.dispose()
     async with engine.connect() as conn:
         organizations = text("SELECT sum(sms_outbound) FROM usage_counters WHERE user_id = ''")
-        assert await conn.scalar(organizations) == 30_000
+        assert await conn.scalar(organizations) == 3000
     assert await count(engine, "usage_deltas") == 0

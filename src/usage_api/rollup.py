@@ -48,10 +48,10 @@ _FOLD_LOCK = 0x7573616765
 # Deltas are summed per hour for the hourly rows, and per day once: every daily row and
 # every counter comes from those day sums, so the user rows (nearly one per delta when
 # usage is spread over many users) are not sorted and grouped again for each roll-up.
-_FOLD = text(f"""
+_FOLD = f"""
 WITH batch AS (
     DELETE FROM usage_deltas
-    WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT :limit))
+    WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT $1))
     RETURNING organization_id, user_id, hour_at, {METRIC_COLUMNS}
 ),
 days AS (
@@ -91,14 +91,18 @@ counters AS (
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_counters")}
 )
 SELECT count(*) FROM batch
-""")
+"""
 
 
 # A fold is background work, not a request: under a heavy write load a fold of 20,000
 # deltas can take longer than a request's statement_timeout, and a fold cut short is
-# all its work thrown away, again and again while the load lasts.
+# all its work thrown away, again and again while the load lasts. So it has its own
+# timeout, on the server (statement_timeout) and on the client (asyncpg's, which would
+# otherwise give up at the request's statement_timeout plus a second).
+_FOLD_TIMEOUT_S = 300
 _LOCK_FOR_FOLD = text(
-    "SELECT pg_try_advisory_xact_lock(:key), set_config('statement_timeout', '5min', true)"
+    "SELECT pg_try_advisory_xact_lock(:key),"
+    f" set_config('statement_timeout', '{_FOLD_TIMEOUT_S}s', true)"
 )
 
 
@@ -107,7 +111,11 @@ async def fold(conn: AsyncConnection, limit: int = 20_000) -> int | None:
     locked = (await conn.execute(_LOCK_FOR_FOLD, {"key": _FOLD_LOCK})).scalar()
     if not locked:
         return None
-    folded = await conn.scalar(_FOLD, {"limit": limit})
+    # On asyncpg directly, in the transaction the lock statement began: SQLAlchemy has
+    # no per-statement client timeout.
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+    folded = await driver.fetchval(_FOLD, limit, timeout=_FOLD_TIMEOUT_S + 1)
     return int(folded or 0)
 
 
