@@ -230,6 +230,25 @@ async def test_the_last_requests_are_recorded_at_shutdown(
         assert [requests for _, requests in await window_of(api.app.state.engine)] == [1]
 
 
+async def test_the_sync_never_takes_a_connection_meant_for_requests(
+    database_url: str, settings: Settings
+) -> None:
+    """Background work has its own connections: with the pool full of requests, or the
+    database hanging, a sync must not keep a request waiting for a connection."""
+    async with replica(database_url, settings, rate_limit=1000, rate_limit_sync_ms=1) as api:
+        engine = api.app.state.engine
+        organization = await make_organization(engine)
+        key = await make_key(engine)
+        checked_out = []
+        for _ in range(200):
+            assert (await api.get(key, organization)).status_code == 200
+            await asyncio.sleep(0.001)  # a sync runs about now
+            checked_out.append(engine.pool.checkedout())
+        assert checked_out == [0] * 200
+        await api.sync()
+        assert [requests for _, requests in await window_of(engine)] == [200]
+
+
 async def test_the_limit_holds_while_the_database_is_away_and_nothing_is_lost(
     database_url: str, settings: Settings
 ) -> None:

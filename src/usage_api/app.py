@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -196,12 +197,15 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings, url)
         app.state.engine = engine
+        # Background work (the rate limit's sync, the fold) has its own two connections:
+        # it never takes one a request is waiting for, even while the database hangs.
+        background = create_engine(replace(settings, pool_size=2), url)
         if metrics is not None:
             metrics.bind(engine)
-        tasks = [asyncio.create_task(limiter.run(engine))]
+        tasks = [asyncio.create_task(limiter.run(background))]
         if settings.rollup_interval_ms > 0:
             tasks.append(
-                asyncio.create_task(run_folder(engine, settings.rollup_interval_ms / 1000))
+                asyncio.create_task(run_folder(background, settings.rollup_interval_ms / 1000))
             )
         try:
             yield
@@ -213,6 +217,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
             if metrics is not None:
                 metrics.unbind()
             await engine.dispose()
+            await background.dispose()
 
     app = ObservedFastAPI(
         metrics=metrics,
