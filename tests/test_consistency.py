@@ -524,8 +524,8 @@ async def test_a_fold_during_a_long_ingest_transaction_is_exact(engine: AsyncEng
 async def test_a_fold_is_not_cut_short_by_the_timeouts_of_requests(
     engine: AsyncEngine, database_url: str, settings: Settings
 ) -> None:
-    """Folding is background work: a fold that takes longer than any request may still
-    completes, cut neither by the server's statement_timeout nor by the client's own."""
+    """Folding is background work: a fold may run longer than any request and still
+    complete, cut neither by the server's statement_timeout nor by the client's own."""
     async with engine.begin() as conn:
         await conn.execute(
             text(

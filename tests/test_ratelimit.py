@@ -235,7 +235,8 @@ async def test_the_sync_never_takes_a_connection_meant_for_requests(
 ) -> None:
     """Background work has its own connections: with the pool full of requests, or the
     database hanging, a sync must not keep a request waiting for a connection."""
-    async with replica(database_url, settings, rate_limit=1000, rate_limit_sync_ms=1) as api:
+    limits = {"rate_limit": 1000, "rate_limit_sync_ms": 1}
+    async with replica(database_url, settings, Clock(), **limits) as api:
         engine = api.app.state.engine
         organization = await make_organization(engine)
         key = await make_key(engine)
