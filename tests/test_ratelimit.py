@@ -57,8 +57,17 @@ class Replica:
         params = {"organization_id": organization_id}
         return await self.client.get(USAGE, params=params, headers={"X-API-Key": key})
 
+    @property
+    def engine(self) -> AsyncEngine:
+        engine: AsyncEngine = self.app.state.engine
+        return engine
+
+    async def organization_and_key(self) -> tuple[str, str]:
+        """A new organization, and a new key that can read it."""
+        return await make_organization(self.engine), await make_key(self.engine)
+
     async def sync(self) -> None:
-        await self.app.state.limiter.sync(self.app.state.engine)
+        await self.app.state.limiter.sync(self.engine)
 
 
 @contextlib.asynccontextmanager
@@ -97,9 +106,9 @@ async def test_a_key_past_its_limit_is_refused_until_the_window_ends(
 ) -> None:
     clock = Clock()
     async with replica(database_url, settings, clock) as api:
-        engine = api.app.state.engine
-        organization = await make_organization(engine)
-        key, other_key = await make_key(engine), await make_key(engine)
+        engine = api.engine
+        organization, key = await api.organization_and_key()
+        other_key = await make_key(engine)
 
         for left in range(LIMIT - 1, -1, -1):
             response = await api.get(key, organization)
@@ -135,9 +144,8 @@ async def test_the_limit_holds_across_replicas(database_url: str, settings: Sett
         replica(database_url, settings, clock) as a,
         replica(database_url, settings, clock) as b,
     ):
-        engine = a.app.state.engine
-        organization = await make_organization(engine)
-        key = await make_key(engine)
+        engine = a.engine
+        organization, key = await a.organization_and_key()
 
         assert [(await a.get(key, organization)).status_code for _ in range(6)] == [200] * 6
         await a.sync()
@@ -168,14 +176,13 @@ async def test_unknown_keys_are_not_counted(database_url: str, settings: Setting
         for _ in range(3):
             assert (await api.get("usk_unknown", "org")).status_code == 401
         await api.sync()
-        assert await window_of(api.app.state.engine) == []
+        assert await window_of(api.engine) == []
 
 
 async def test_a_limit_of_zero_turns_the_limit_off(database_url: str, settings: Settings) -> None:
     async with replica(database_url, settings, rate_limit=0) as api:
-        engine = api.app.state.engine
-        organization = await make_organization(engine)
-        key = await make_key(engine)
+        engine = api.engine
+        organization, key = await api.organization_and_key()
         for _ in range(LIMIT * 2):
             response = await api.get(key, organization)
             assert response.status_code == 200
@@ -189,9 +196,8 @@ async def test_last_use_is_written_at_most_once_a_minute(
     database_url: str, settings: Settings
 ) -> None:
     async with replica(database_url, settings) as api:
-        engine = api.app.state.engine
-        organization = await make_organization(engine)
-        key = await make_key(engine)
+        engine = api.engine
+        organization, key = await api.organization_and_key()
         assert (await last_use(engine))[0] is None
 
         for _ in range(3):
@@ -220,14 +226,12 @@ async def test_the_last_requests_are_recorded_at_shutdown(
     database_url: str, settings: Settings
 ) -> None:
     async with replica(database_url, settings) as api:
-        engine = api.app.state.engine
-        organization = await make_organization(engine)
-        key = await make_key(engine)
+        organization, key = await api.organization_and_key()
         await api.get(key, organization)
         # No sync before the app stops: its lifespan syncs once more on the way out.
     async with replica(database_url, settings) as api:
-        assert (await last_use(api.app.state.engine))[0] is not None
-        assert [requests for _, requests in await window_of(api.app.state.engine)] == [1]
+        assert (await last_use(api.engine))[0] is not None
+        assert [requests for _, requests in await window_of(api.engine)] == [1]
 
 
 async def test_the_sync_never_takes_a_connection_meant_for_requests(
@@ -237,9 +241,8 @@ async def test_the_sync_never_takes_a_connection_meant_for_requests(
     database hanging, a sync must not keep a request waiting for a connection."""
     limits = {"rate_limit": 1000, "rate_limit_sync_ms": 1}
     async with replica(database_url, settings, Clock(), **limits) as api:
-        engine = api.app.state.engine
-        organization = await make_organization(engine)
-        key = await make_key(engine)
+        engine = api.engine
+        organization, key = await api.organization_and_key()
         checked_out = []
         for _ in range(200):
             assert (await api.get(key, organization)).status_code == 200
