@@ -185,6 +185,13 @@ def parse_duration(text: str, option: str = "--expires-in") -> timedelta:
     return int(number) * _DURATION_UNITS[unit]
 
 
+def _expiry(expires_in: str | None) -> datetime | None:
+    """When a key made now with `--expires-in` ends; None: until revoked."""
+    from usage_api.dates import utc_now
+
+    return utc_now() + parse_duration(expires_in) if expires_in is not None else None
+
+
 @keys_app.command("create")
 def keys_create(
     scope: Annotated[str, typer.Option(help="admin, partner or organization")],
@@ -200,9 +207,8 @@ def keys_create(
 ) -> None:
     """Create a key and print it (it is shown only this once)."""
     from usage_api.auth import create_key
-    from usage_api.dates import utc_now
 
-    expires_at = utc_now() + parse_duration(expires_in) if expires_in is not None else None
+    expires_at = _expiry(expires_in)
 
     if scope not in ("admin", "partner", "organization"):
         raise typer.BadParameter("must be admin, partner or organization", param_hint="--scope")
@@ -247,10 +253,9 @@ def keys_rotate(
     """Replace a key: print a new one with the same scope and permission; the old one
     keeps working for the grace period, so that clients can switch without a gap."""
     from usage_api.auth import rotate_key
-    from usage_api.dates import utc_now
 
     grace_period = parse_duration(grace, "--grace")
-    expires_at = utc_now() + parse_duration(expires_in) if expires_in is not None else None
+    expires_at = _expiry(expires_in)
 
     async def work(conn: AsyncConnection) -> tuple[str, str, datetime] | None:
         return await rotate_key(conn, key_id, grace_period, expires_at)
