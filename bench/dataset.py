@@ -9,8 +9,8 @@ Every random choice is a hash of the event's number (`hashint8extended`), so the
 depend only on the parameters, not on how the work is split between connections. The log
 is bulk-inserted without indexes; the roll-ups are then built set-based from it, with
 the folder's semantics (each event counts in its organization's row `user_id = ''` and,
-when it has a user, in that user's row; hourly rows are kept for organizations only); then
-indexes, constraints, VACUUM ANALYZE.
+when it has a user, in that user's row, hourly and daily alike); then indexes,
+constraints, VACUUM ANALYZE.
 
 What was generated is recorded in `bench.dataset`: a later run with the same parameters,
 generator version and schema revision reuses it. Events the ingestion scenarios add all
