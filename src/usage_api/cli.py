@@ -18,7 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usage_api.config import get_settings
 from usage_api.db import PrimaryEngine
-from usage_api.logs import logging_config
 
 T = TypeVar("T")
 
@@ -121,8 +120,6 @@ def serve(
     demo: Annotated[bool, typer.Option(help="Load the demo data and print a key.")] = False,
 ) -> None:
     """Apply pending migrations, then serve the API."""
-    import uvicorn
-
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it into the handler it found.
     # Python's default would end the process on the spot, skipping the `finally` that stops
     # the embedded database; this one unwinds instead, with the conventional status.
@@ -140,22 +137,9 @@ def serve(
         # Worker processes read their database from the environment.
         os.environ["DATABASE_URL"] = url
         get_settings.cache_clear()
-        log_level = get_settings().log_level
-        uvicorn.run(
-            "usage_api.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            log_config=logging_config(log_level),
-            # The app writes its own access line (usage_api.access), with the key's id.
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            # A worker imports the whole app before it first answers the supervisor; on a
-            # busy 2-core host that alone can take longer than uvicorn's 5 s default.
-            timeout_worker_healthcheck=30,
-        )
+        from usage_api.http.server import serve as run_server
+
+        run_server(get_settings(), host=host, port=port, workers=workers)
 
 
 @app.command()

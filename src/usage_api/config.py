@@ -47,6 +47,12 @@ class Settings:
     log_level: str
     # Where worker processes share their metrics (`serve --workers N` sets it).
     metrics_dir: str | None
+    max_head_bytes: int
+    max_header_fields: int
+    head_timeout_s: int
+    body_timeout_s: int
+    keep_alive_timeout_s: int
+    max_connections: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -64,6 +70,12 @@ class Settings:
             metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+            max_head_bytes=_int("USAGE_API_MAX_HEAD_BYTES", 16 * 1024, minimum=1024),
+            max_header_fields=_int("USAGE_API_MAX_HEADER_FIELDS", 100, minimum=1),
+            head_timeout_s=_int("USAGE_API_HEAD_TIMEOUT_S", 10, minimum=1),
+            body_timeout_s=_int("USAGE_API_BODY_TIMEOUT_S", 30, minimum=1),
+            keep_alive_timeout_s=_int("USAGE_API_KEEP_ALIVE_TIMEOUT_S", 5, minimum=1),
+            max_connections=_int("USAGE_API_MAX_CONNECTIONS", 1000, minimum=1),
         )
 
 
