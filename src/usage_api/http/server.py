@@ -27,7 +27,8 @@ import resource
 import time
 import weakref
 from asyncio import TimerHandle
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httptools
@@ -37,7 +38,6 @@ from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
 from usage_api.config import Settings
-from usage_api.errors import ANSWERED_STATUS
 from usage_api.logs import logging_config
 
 log = logging.getLogger("usage_api.server")
@@ -272,7 +272,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._close()
             return
         # The app is waiting for the rest of the body: it will read a disconnect, and its
-        # answer goes nowhere (ours is on the wire).
+        # answer goes nowhere (ours is on the wire). Imported here: a worker process loads
+        # this module before it first answers its supervisor, and `errors` is not light.
+        from usage_api.errors import ANSWERED_STATUS
+
         cycle.scope["state"][ANSWERED_STATUS] = 408
         self._answer_and_close(408, "request timeout")
         cycle.disconnected = True
@@ -292,7 +295,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _arm(self, seconds: float, callback: Any) -> None:
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self.timer = self.loop.call_later(seconds, callback)
 
     def _disarm(self) -> None:
@@ -356,7 +359,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     limits = config.limits
     fitted = _fit_fd_limit(limits.max_connections)
     if fitted != limits.max_connections:
-        config.limits = ServerLimits(**{**vars(limits), "max_connections": fitted})
+        config.limits = replace(limits, max_connections=fitted)
     server = uvicorn.Server(config)
     try:
         if workers > 1:
