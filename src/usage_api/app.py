@@ -28,7 +28,7 @@ from usage_api.errors import ApiError, bad_request, not_found
 from usage_api.ids import is_valid_id
 from usage_api.ingest import ingest, parse_events
 from usage_api.observability import Metrics, ObservedFastAPI
-from usage_api.ratelimit import RateLimit, RateLimiter
+from usage_api.ratelimit import RateLimiter, RateLimitMiddleware
 from usage_api.rollup import run_folder
 from usage_api.schemas import (
     IngestResponse,
@@ -238,7 +238,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RateLimit, limiter=limiter)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
     app.state.limiter = limiter
     powered_by = settings.powered_by
 
