@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -255,7 +256,7 @@ class RateLimiter:
     async def look_up(self, engine: AsyncEngine) -> None:
         """Find out about the keys waiting (up to `LOOKUP_BATCH`), in one statement that
         counts nothing, and let their requests go on."""
-        batch = dict(list(self._waiting.items())[:LOOKUP_BATCH])
+        batch = dict(itertools.islice(self._waiting.items(), LOOKUP_BATCH))
         if not batch:
             return
         self._roll()
@@ -413,7 +414,9 @@ class RateLimitMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = _presented_key(scope) if scope.get("path", "").startswith("/v1/") else None
+        key = None
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            key = _presented_key(scope)
         if key is None:
             await self.app(scope, receive, send)
             return
