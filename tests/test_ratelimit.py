@@ -417,6 +417,31 @@ async def test_a_new_limit_applies_in_every_process_from_its_next_sync(
         assert await statuses_of(b, key, organization, 2 * LIMIT) == [200] * 2 * LIMIT
 
 
+async def test_an_idle_process_forgets_its_keys_and_syncs_nothing(
+    database_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until then each sync refreshes every key it knows; after, a key is looked up afresh
+    when it comes back, with the total the others made meanwhile."""
+    monkeypatch.setattr(ratelimit, "IDLE_S", 0.2)
+    clock = Clock()
+    async with (
+        replica(database_url, settings, clock) as a,
+        replica(database_url, settings, clock) as b,
+    ):
+        organization, key = await a.organization_and_key()
+        assert await statuses_of(a, key, organization, 3) == [200] * 3
+        await a.sync()
+        await asyncio.sleep(0.3)
+        with counting_checkouts() as checkouts:
+            await a.sync()
+            await a.sync()
+        assert checkouts.count == 0
+
+        assert await statuses_of(b, key, organization, 4) == [200] * 4
+        await b.sync()
+        assert (await a.get(key, organization)).headers["ratelimit"] == '"per-key";r=2;t=55'
+
+
 # The bound: every admitted request counts somewhere, a sync in flight included
 
 

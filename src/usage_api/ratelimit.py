@@ -19,7 +19,8 @@ What that promises, with `n` processes each seeing `rate` requests/s of one key:
   in all;
 - a new limit (`keys set-limit`) and a revocation apply in every process from its next
   sync; an expiry at once;
-- the database takes one statement per process per sync, whatever the request rate.
+- the database takes one statement per process per sync, whatever the request rate, and
+  none from a process whose keys have all been idle for `IDLE_S`.
 
 Keys a worker does not know yet (new to it, or not in the database at all) are looked up
 before their request goes on, all of those waiting in one statement, at most one such
@@ -66,9 +67,9 @@ MAX_WAITING = 10_000
 # Keys found not to be live: remembered this long, at most this many (oldest go first).
 UNKNOWN_TTL_S = 600.0
 MAX_UNKNOWN = 10_000
-# A live key unused this long is forgotten (looked up again when it comes back), so that
-# every sync carries only the keys in use.
-IDLE_S = 600.0
+# A live key unused this long is forgotten (looked up afresh when it comes back): every
+# sync carries only the keys in use lately, and an idle process syncs nothing.
+IDLE_S = 60.0
 
 # For each presented live key: its limit, expiry and current window's total, after
 # adding the new requests. A row of an older window starts over; a worker still
@@ -342,7 +343,7 @@ class RateLimiter:
             try:
                 await self.look_up(engine)
             except ServiceUnavailable:
-                pass  # Its waiters got the 503; `transact` has logged it.
+                pass  # Its waiters got the 503, and it is logged.
             except Exception:
                 log.warning("looking keys up failed", exc_info=True)
             if self._waiting:
