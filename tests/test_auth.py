@@ -34,6 +34,10 @@ from usage_api.keys import create_key, revoke_key
 
 USAGE = "/v1/analytics/usage"
 ORGANIZATION_NOT_FOUND = b'{"success":false,"error":"organization not found"}'
+START_DATE_MALFORMED = (
+    b'{"success":false,"error":"start_date must be an ISO 8601 date or date-time,'
+    b' e.g. 2026-02-10T00:00:00Z"}'
+)
 USER_NOT_FOUND = b'{"success":false,"error":"user not found"}'
 INVALID_KEY = b'{"success":false,"error":"invalid API key"}'
 
@@ -77,6 +81,9 @@ async def test_key_is_not_logged(
     with caplog.at_level(logging.DEBUG):
         await client.get(USAGE, params={"organization_id": "x"}, headers={"X-API-Key": key})
         await client.get(USAGE, params={"organization_id": "x"}, headers={"X-API-Key": key + "x"})
+    # Both requests were logged (so the check below looks at something), neither key was.
+    access = [r for r in caplog.records if r.name == "usage_api.access"]
+    assert [(r.status, r.key_id is not None) for r in access] == [(404, True), (401, False)]
     assert key not in caplog.text
 
 
@@ -122,7 +129,7 @@ async def test_revoked_expired_and_unknown_keys_answer_byte_for_byte_alike(
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
     ):
-        engine: AsyncEngine = app.state.engine
+        engine: AsyncEngine = app.state.services.databases.primary
         organization_id = await make_organization(engine)
 
         async def answer(key: str) -> tuple[int, bytes, list[tuple[str, str]]]:
@@ -159,7 +166,7 @@ async def test_revoked_expired_and_unknown_keys_answer_byte_for_byte_alike(
         assert [(await answer(key))[0] for key in (revoked, expired)] == [200, 200]
         await kill(revoked_id, expired_id)
         assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
-        await app.state.limiter.sync(engine)
+        await app.state.services.limiter.sync(engine)
         assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
         assert await unknown() == never_existed
 
@@ -168,7 +175,7 @@ async def test_revoked_expired_and_unknown_keys_answer_byte_for_byte_alike(
         for key in (revoked, expired):
             assert [(await answer(key))[0] for _ in range(3)] == [200, 200, 429]
         await kill(revoked_id, expired_id)
-        await app.state.limiter.sync(engine)
+        await app.state.services.limiter.sync(engine)
         assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
 
         # A key that expires on its own: from that instant, without waiting for a sync.
@@ -178,7 +185,7 @@ async def test_revoked_expired_and_unknown_keys_answer_byte_for_byte_alike(
         assert await answer(expiring) == never_existed
 
         # None of the dead keys' requests is in the shared counts.
-        await app.state.limiter.sync(engine)
+        await app.state.services.limiter.sync(engine)
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT count(*) FROM api_key_windows")) == 0
 
@@ -284,12 +291,16 @@ async def test_out_of_scope_dates_are_still_checked_first(
     client: httpx.AsyncClient, world: World
 ) -> None:
     """Checking dates before the lookup means a bad date says nothing about the id either."""
-    response = await client.get(
-        USAGE,
-        params={"organization_id": world.ids["B"], "start_date": "x"},
-        headers={"X-API-Key": world.keys["partner P1"]},
-    )
-    assert response.status_code == 400
+    answers = [
+        await client.get(
+            USAGE,
+            params={"organization_id": organization_id, "start_date": "x"},
+            headers={"X-API-Key": world.keys["partner P1"]},
+        )
+        for organization_id in (world.ids["B"], "no-such-organization")
+    ]
+    out_of_scope, unknown = ((r.status_code, r.content) for r in answers)
+    assert out_of_scope == unknown == (400, START_DATE_MALFORMED)
 
 
 # Permissions: read keys read, write keys also write.
@@ -336,7 +347,10 @@ async def test_write_key_also_reads(
     response = await client.get(
         USAGE, params={"organization_id": world.ids["A"]}, headers={"X-API-Key": key}
     )
-    assert response.status_code == 200
+    assert (response.status_code, response.json()["usage"]["organization_id"]) == (
+        200,
+        world.ids["A"],
+    )
 
 
 @pytest.mark.parametrize("target", ["B", "C", "no-such-organization"])

@@ -131,7 +131,7 @@ async def test_keys_set_limit_applies_to_a_running_server_from_its_next_sync(
         assert result.exit_code == 0, result.output
         assert f"now has the rate limit {shown}" in result.stderr
         assert [line[RATE_LIMIT] for line in await cli.listing()] == [shown]
-        await app.state.limiter.sync(engine)
+        await app.state.services.limiter.sync(engine)
         assert await policy_of(client, key, organization_id) == policy
 
 

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.auth import Scope, hash_key
+from usage_api.auth import KeyScope, hash_key
 from usage_api.ids import new_id
 
 KEY_PREFIX = "usk_"
@@ -44,7 +44,7 @@ class KeyInfo:
 async def create_key(
     conn: AsyncConnection,
     *,
-    scope: Scope,
+    scope: KeyScope,
     partner_id: str | None = None,
     organization_id: str | None = None,
     can_write: bool = False,

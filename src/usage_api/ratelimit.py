@@ -47,12 +47,12 @@ from datetime import UTC, datetime
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BOOLEAN, BYTEA, INTEGER
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usage_api import errors
 from usage_api.auth import hash_key, invalid_key
-from usage_api.db import run_autocommit, transact
+from usage_api.db import PrimaryEngine, run_autocommit, transact
 from usage_api.errors import ApiError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class RateLimiter:
         while len(self._unknown) > MAX_UNKNOWN:
             del self._unknown[next(iter(self._unknown))]
 
-    async def look_up(self, engine: AsyncEngine) -> None:
+    async def look_up(self, engine: PrimaryEngine) -> None:
         """Find out about the keys waiting (up to `LOOKUP_BATCH`), in one statement that
         counts nothing, and let their requests go on."""
         batch = dict(itertools.islice(self._waiting.items(), LOOKUP_BATCH))
@@ -293,7 +293,7 @@ class RateLimiter:
             if not waiting.done():
                 waiting.set_result(live is not None)
 
-    async def sync(self, engine: AsyncEngine) -> None:
+    async def sync(self, engine: PrimaryEngine) -> None:
         """Add this process's new requests to the shared totals, and read back the
         totals, limits and expiry of every key it knows."""
         async with self._sync_lock:
@@ -335,7 +335,7 @@ class RateLimiter:
                     if window == self._window:
                         self._synced[key_hash] = live.requests
 
-    async def run_lookups(self, engine: AsyncEngine) -> None:
+    async def run_lookups(self, engine: PrimaryEngine) -> None:
         """Look keys up as they arrive, one statement at most every `LOOKUP_GAP_S`."""
         while True:
             await self._wanted.wait()
@@ -350,7 +350,7 @@ class RateLimiter:
                 self._wanted.set()
             await asyncio.sleep(LOOKUP_GAP_S)
 
-    async def run(self, engine: AsyncEngine) -> None:
+    async def run(self, engine: PrimaryEngine) -> None:
         """Look keys up, and sync every `sync_s` seconds, until cancelled; then sync once
         more."""
         lookups = asyncio.create_task(self.run_lookups(engine))
