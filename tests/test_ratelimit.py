@@ -504,6 +504,7 @@ def random_key() -> str:
     return "usk_" + secrets.token_urlsafe(32)
 
 
+@pytest.mark.slow
 async def test_a_flood_of_unknown_keys_costs_a_bounded_number_of_statements(
     database_url: str, settings: Settings
 ) -> None:
@@ -603,6 +604,7 @@ def answers_by_pid(log_path: Path, route: str) -> dict[int, list[int]]:
     return statuses
 
 
+@pytest.mark.slow
 async def test_the_limit_holds_across_worker_processes(
     database_url: str, settings: Settings, tmp_path: Path
 ) -> None:
