@@ -44,10 +44,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BOOLEAN, BYTEA, INTEGER
 from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usage_api import errors
@@ -424,6 +426,7 @@ class RateLimitMiddleware:
         try:
             decision = await self.limiter.admit(hash_key(key))
         except ApiError as exc:
+            _name_route(scope)
             response = errors.error_response(exc.status, exc.message, headers=exc.headers)
             await response(scope, receive, send)
             return
@@ -432,6 +435,7 @@ class RateLimitMiddleware:
             return
         headers = decision.headers(self.limiter.window_s)
         if not decision.allowed:
+            _name_route(scope)
             response = errors.error_response(
                 429,
                 "rate limit exceeded",
@@ -454,3 +458,29 @@ def _presented_key(scope: Scope) -> str | None:
         if name == b"x-api-key":
             return value.decode("latin-1") or None
     return None
+
+
+def _name_route(scope: Scope) -> None:
+    """Name the route a request answered here would have reached: the access log and the
+    metrics count it under that route, like the routes' own answers."""
+    route = _route_for(getattr(getattr(scope.get("app"), "router", None), "routes", ()), scope)
+    if route is not None:
+        scope["route"] = route
+
+
+def _route_for(routes: Any, scope: Scope) -> Any:
+    """The route that matches `scope` (fully, else by path only), looking into included
+    routers (FastAPI names the route only when it dispatches into one)."""
+    partial = None
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        found = child_scope.get("route")
+        if found is None:
+            included = getattr(getattr(route, "original_router", None), "routes", None)
+            found = _route_for(included, scope) if included else None
+        if found is not None and match is Match.FULL:
+            return found
+        partial = partial or found
+    return partial
