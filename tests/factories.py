@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usage_api.auth import KeyScope, Principal, create_key
+from usage_api.auth import KeyScope, Principal
 from usage_api.db import transact
 from usage_api.directory import put_organization, put_partner, put_user
 from usage_api.ids import new_id
+from usage_api.keys import create_key
 from usage_api.schemas import OrganizationIn, PartnerIn, UserIn
 
 ADMIN = Principal("test-admin", "admin", None, None, can_write=True)

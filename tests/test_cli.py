@@ -167,7 +167,9 @@ async def test_keys_list_shows_keys_but_never_the_keys_themselves(
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2
-    assert lines[0].split("\t")[2:] == ["admin", "-", "read", "active", "-", "never", "ops"]
+    assert lines[0].split("\t")[2:] == [
+        "admin", "-", "read", "active", "-", "never", "default", "ops"
+    ]  # fmt: skip
     assert lines[1].split("\t")[2:] == [
         "partner",
         partner_id,
@@ -175,6 +177,7 @@ async def test_keys_list_shows_keys_but_never_the_keys_themselves(
         "active",
         "-",
         "never",
+        "default",
         "",
     ]
     assert admin not in result.output

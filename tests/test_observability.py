@@ -26,10 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.factories import event, make_key, make_organization, serving
 from usage_api.app import create_app
-from usage_api.auth import KeyScope, create_key
+from usage_api.auth import KeyScope
 from usage_api.config import Settings
 from usage_api.db import transact
 from usage_api.http.deps import CurrentKey
+from usage_api.keys import create_key
 from usage_api.logs import JsonFormatter
 
 USAGE = "/v1/analytics/usage"
