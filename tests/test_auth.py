@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
+from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from usage_api.auth import create_key, revoke_key
 from usage_api.dates import utc_now
 from usage_api.db import transact

@@ -26,7 +26,7 @@ from schemathesis.config import SchemathesisConfig
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
-from tests.factories import ADMIN, make_key
+from tests.support.factories import ADMIN, make_key
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import transact

@@ -25,7 +25,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import free_port, make_key, make_organization, serving
+from tests.support.factories import make_key, make_organization
+from tests.support.servers import free_port, serving
 from usage_api.app import create_app
 from usage_api.auth import hash_key
 from usage_api.config import Settings
@@ -297,6 +298,7 @@ def answers_by_pid(log_path: Path, route: str) -> dict[int, list[int]]:
     return statuses
 
 
+@pytest.mark.slow
 async def test_the_limit_holds_across_worker_processes(
     database_url: str, settings: Settings, tmp_path: Path
 ) -> None:
