@@ -70,6 +70,7 @@ ROUNDS = 4
 BATCHES_PER_ROUND = 4
 
 
+@pytest.mark.slow
 async def test_concurrent_writers_retries_and_folds_keep_counters_equal_to_the_log(
     app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:

@@ -130,6 +130,7 @@ def call_and_validate(case: Case, key: str | None) -> None:
 
 # The parametrization names the key in each test's id; it also gives each operation an id
 # of its own (`[GET /healthz][admin-write]`), which pytest 9.2 otherwise drops.
+@pytest.mark.slow
 @schema.parametrize()
 @pytest.mark.parametrize("credential", ["admin-write"])
 @SETTINGS

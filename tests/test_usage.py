@@ -1169,6 +1169,7 @@ async def _stored_events(conn: AsyncConnection, organization_id: str) -> dict[st
     return {row.id: (row.user_id, row.occurred_at) for row in rows}
 
 
+@pytest.mark.slow
 async def test_every_range_and_all_time_equal_the_sums_of_the_events_sent(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
