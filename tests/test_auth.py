@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
+from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.dates import utc_now

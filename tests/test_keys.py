@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
-from tests.factories import make_organization
+from tests.support.factories import make_organization
 from usage_api.cli import app as cli_app
 from usage_api.config import Settings, get_settings
 

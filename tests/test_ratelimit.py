@@ -28,7 +28,8 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import Pool
 
-from tests.factories import free_port, make_key, make_organization, serving
+from tests.support.factories import make_key, make_organization
+from tests.support.servers import free_port, serving
 from usage_api import ratelimit
 from usage_api.app import create_app
 from usage_api.auth import hash_key
