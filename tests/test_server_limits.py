@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.factories import free_port, make_key
+from tests.support.factories import make_key
+from tests.support.servers import free_port
 from usage_api.config import Settings
 from usage_api.db import create_engine
 
@@ -57,7 +58,9 @@ def parse(raw: bytes) -> Answer:
     return Answer(int(lines[0].split()[1]), headers, body)
 
 
-class LiveServer:
+class RawServer:
+    """A live `usage-api serve`, spoken to over raw sockets, and its stderr."""
+
     def __init__(self, port: int, log_path: Path) -> None:
         self.port = port
         self.log_path = log_path
@@ -140,7 +143,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
 
 
 @contextlib.asynccontextmanager
-async def connections(server: LiveServer, count: int) -> AsyncIterator[list[Any]]:
+async def connections(server: RawServer, count: int) -> AsyncIterator[list[Any]]:
     opened = [await server.open() for _ in range(count)]
     try:
         yield opened
@@ -166,7 +169,7 @@ async def quiet_limit_log() -> None:
 @pytest.fixture(scope="module")
 async def server(
     database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[LiveServer]:
+) -> AsyncIterator[RawServer]:
     log_path = tmp_path_factory.mktemp("server") / "stderr.log"
     port = free_port()
     env = {
@@ -189,7 +192,7 @@ async def server(
             stderr=log,
             start_new_session=True,
         )
-    live = LiveServer(port, log_path)
+    live = RawServer(port, log_path)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -219,7 +222,7 @@ async def write_key(database_url: str, settings: Settings) -> AsyncIterator[str]
 
 
 async def test_a_head_over_16_kib_is_answered_431_before_the_rest_is_read(
-    server: LiveServer,
+    server: RawServer,
 ) -> None:
     since = server.mark()
     # Just under the limit is served.
@@ -242,7 +245,7 @@ async def test_a_head_over_16_kib_is_answered_431_before_the_rest_is_read(
     await server.assert_serving()
 
 
-async def test_more_than_100_header_fields_are_answered_431(server: LiveServer) -> None:
+async def test_more_than_100_header_fields_are_answered_431(server: RawServer) -> None:
     since = server.mark()
     # Host and Connection are two more: 98 + 2 = 100 fields pass, 99 + 2 do not.
     fields = b"".join(b"X-F%d: v\r\n" % i for i in range(98))
@@ -258,7 +261,7 @@ async def test_more_than_100_header_fields_are_answered_431(server: LiveServer) 
 # Slow and silent clients
 
 
-async def test_a_head_sent_a_byte_a_second_is_cut_off_with_408(server: LiveServer) -> None:
+async def test_a_head_sent_a_byte_a_second_is_cut_off_with_408(server: RawServer) -> None:
     await quiet_limit_log()
     since = server.mark()
     reader, writer = await server.open()
@@ -284,7 +287,7 @@ async def test_a_head_sent_a_byte_a_second_is_cut_off_with_408(server: LiveServe
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
-    server: LiveServer,
+    server: RawServer,
 ) -> None:
     await quiet_limit_log()
     since = server.mark()
@@ -297,7 +300,7 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
-    server: LiveServer,
+    server: RawServer,
 ) -> None:
     async with connections(server, 1) as [(reader, writer)]:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -309,7 +312,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time
 
 
 async def test_a_body_sent_too_slowly_is_cut_off_with_408_and_counted_so(
-    server: LiveServer, write_key: str
+    server: RawServer, write_key: str
 ) -> None:
     series = 'usage_api_http_requests_total{method="POST",route="/v1/usage/events",status="408"}'
     before = await server.metric(series)
@@ -338,7 +341,7 @@ async def test_a_body_sent_too_slowly_is_cut_off_with_408_and_counted_so(
 
 
 async def test_past_the_connection_cap_the_longest_idle_connection_makes_room(
-    server: LiveServer,
+    server: RawServer,
 ) -> None:
     await quiet_limit_log()
     since = server.mark()
@@ -359,7 +362,7 @@ async def test_past_the_connection_cap_the_longest_idle_connection_makes_room(
 
 
 async def test_past_the_connection_cap_with_none_idle_a_client_gets_503(
-    server: LiveServer, write_key: str
+    server: RawServer, write_key: str
 ) -> None:
     await quiet_limit_log()
     since = server.mark()
@@ -388,7 +391,7 @@ async def test_past_the_connection_cap_with_none_idle_a_client_gets_503(
 
 
 async def test_a_websocket_upgrade_is_answered_as_plain_http_and_no_query_is_logged(
-    server: LiveServer,
+    server: RawServer,
 ) -> None:
     secret = "s3cr3t-query-value"
     since = server.mark()
@@ -419,7 +422,7 @@ async def test_a_websocket_upgrade_is_answered_as_plain_http_and_no_query_is_log
     assert secret not in server.log_path.read_text()
 
 
-async def test_no_answer_names_the_server(server: LiveServer) -> None:
+async def test_no_answer_names_the_server(server: RawServer) -> None:
     assert "server" not in (await server.get()).headers
     refused = await server.get(headers=b"X-Big: %s\r\n" % (b"a" * 20_000))
     assert refused.status == 431
@@ -427,7 +430,7 @@ async def test_no_answer_names_the_server(server: LiveServer) -> None:
 
 
 async def test_a_client_leaving_mid_body_is_logged_without_traceback_and_counted_499(
-    server: LiveServer, write_key: str
+    server: RawServer, write_key: str
 ) -> None:
     route = 'method="POST",route="/v1/usage/events"'
     aborted = f'usage_api_http_requests_total{{{route},status="499"}}'
