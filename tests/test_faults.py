@@ -163,12 +163,15 @@ def clean_database() -> None:
 
 
 @pytest.fixture(scope="module")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    db = Database(tmp_path_factory.mktemp("faults") / "pgdata")
-    try:
-        yield db
-    finally:
-        db.close()
+def database() -> Iterator[Database]:
+    # Not under pytest's 0700 directories: as root the server runs as another account.
+    with tempfile.TemporaryDirectory(prefix="usage-api-faults-") as tmp:
+        os.chmod(tmp, 0o755)
+        db = Database(Path(tmp) / "pgdata")
+        try:
+            yield db
+        finally:
+            db.close()
 
 
 class Servers:
@@ -1041,6 +1044,7 @@ def main() -> None:
         up_s=args.up,
     )
     with tempfile.TemporaryDirectory(prefix="usage-api-faults-") as tmp:
+        os.chmod(tmp, 0o755)  # as root the server runs as another account
         # Migrating runs an event loop of its own: before ours.
         database = Database(Path(tmp) / "pgdata")
         try:
