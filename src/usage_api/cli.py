@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
-import uvicorn
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,7 +23,6 @@ from usage_api.auth import KeyScope, create_key, list_keys, revoke_key, rotate_k
 from usage_api.config import ConfigError, get_settings
 from usage_api.dates import utc_now
 from usage_api.db import PrimaryEngine, create_engine, transact
-from usage_api.demo import demo_key, load_demo
 from usage_api.embedded import EmbeddedError, EmbeddedPostgres
 from usage_api.errors import ServiceUnavailable
 from usage_api.logs import logging_config
@@ -113,6 +111,11 @@ def _in_transaction(url: str, work: Callable[[AsyncConnection], Awaitable[T]]) -
 
 
 def _load_demo(url: str) -> str:
+    # Imported here, as uvicorn is in `serve`: the key commands never use them, and they are
+    # 5-6 % each of this module's import (python -X importtime: ~0.6 s and ~0.4 s of ~9 s on
+    # a loaded 2-core host), which every command pays.
+    from usage_api.demo import demo_key, load_demo
+
     async def run(engine: PrimaryEngine) -> str:
         await load_demo(engine)
         return await transact(engine, demo_key)
@@ -165,6 +168,8 @@ def serve(
     demo: Annotated[bool, typer.Option(help="Load the demo data and print a key.")] = False,
 ) -> None:
     """Apply pending migrations, then serve the API."""
+    import uvicorn  # see _load_demo
+
     _check_port(host, port)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it into the handler it found.
     # Python's default would end the process on the spot, skipping the `finally` that leaves
