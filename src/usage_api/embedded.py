@@ -105,7 +105,8 @@ class EmbeddedPostgres:
         self._users_fd: int | None = None
         self._owner_pid: int | None = None
         self._run_as: dict[str, Any] = {}
-        self._bin = POSTGRES_BIN_PATH
+        # Where initdb, pg_ctl and postgres are run from; found when first needed.
+        self._bin_dir: Path | None = None
 
     def _beside(self, suffix: str) -> Path:
         return self.data_dir.with_name(self.data_dir.name + suffix)
@@ -269,8 +270,16 @@ class EmbeddedPostgres:
                 " /var/lib/usage-api/postgres), or set DATABASE_URL"
             )
         os.chown(self.data_dir, account.pw_uid, account.pw_gid)
-        if not self._runs(self._bin):
-            self._bin = copy_binaries(self.data_dir.parent)
+
+    @property
+    def _bin(self) -> Path:
+        """The bundled binaries, or (as root, when the server account cannot run them where
+        they are installed) a copy of them beside the data dir. Only starting and stopping
+        the server need them, not joining a running one."""
+        if self._bin_dir is None:
+            usable = not self._run_as or self._runs(POSTGRES_BIN_PATH)
+            self._bin_dir = POSTGRES_BIN_PATH if usable else copy_binaries(self.data_dir.parent)
+        return self._bin_dir
 
     def _runs(self, bin_dir: Path) -> bool:
         """Whether the server account can run the binaries in bin_dir."""
