@@ -175,6 +175,24 @@ async def test_serve_without_database_url_where_the_embedded_database_is_off_ref
     assert _postmaster_pid(data_dir) is None
 
 
+async def test_a_setting_that_cannot_be_used_is_one_line(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USAGE_API_POOL_SIZE", "ten")
+    result = await cli("keys", "list")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == "USAGE_API_POOL_SIZE must be an integer, got 'ten'\n"
+
+
+async def test_a_database_that_does_not_answer_is_one_line(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
+    result = await cli("keys", "list")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == "the database does not answer (see DATABASE_URL)\n"
+
+
 @pytest.mark.parametrize("scope", ["partner", "organization"])
 async def test_keys_create_for_an_unknown_target_says_it_does_not_exist(
     cli: Cli, engine: AsyncEngine, scope: str

