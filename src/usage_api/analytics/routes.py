@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from usage_api.analytics.query import parse_usage_query
 from usage_api.analytics.schemas import UsageResponse, usage_parameters
+from usage_api.analytics.series import read_series
 from usage_api.analytics.totals import read_usage
 from usage_api.auth import authenticate, presented_hash
 from usage_api.errors import ApiError, not_found
@@ -24,7 +25,7 @@ router = APIRouter(tags=["analytics"], route_class=FastRoute)
     responses={200: {"model": UsageResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
 )
 async def get_usage(request: Request) -> JSONResponse:
-    """Usage of an organization or a user: all time, or over a date range."""
+    """Usage of an organization or a user: all time, over a date range, or as a series."""
     app = services(request)
     engine = app.databases.read
     api_key = presented_key(request)
@@ -36,7 +37,8 @@ async def get_usage(request: Request) -> JSONResponse:
         request.state.key_id = (await authenticate(engine, api_key)).key_id
         raise
     # The key is checked in the same statement as the read: one round trip.
-    key_id, usage = await read_usage(engine, key_hash, query)
+    read = read_series if query.granularity is not None else read_usage
+    key_id, usage = await read(engine, key_hash, query)
     request.state.key_id = key_id
     if usage is None:
         raise not_found("user" if query.user_id is not None else "organization")

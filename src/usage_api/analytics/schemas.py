@@ -31,14 +31,28 @@ _USAGE_QUERY = (
     ),
     (
         "start_date",
-        "Inclusive start: a date (00:00 UTC) or a date-time (no offset: UTC).",
+        "Inclusive start: a date (00:00) or a date-time; without an offset it is read in"
+        " `timezone` (default UTC).",
         date_json_schema("2026-02-10T00:00:00Z"),
     ),
     (
         "end_date",
         "Inclusive end, through the unit of its finest field: `2026-03-12` covers the whole"
-        " day, `2026-03-12T23:59` the whole minute; with a fraction, that instant.",
+        " (local) day, `2026-03-12T23:59` the whole minute; with a fraction, that instant.",
         date_json_schema("2026-03-12"),
+    ),
+    (
+        "timezone",
+        "IANA time zone in which dates without an offset are read and buckets are cut"
+        " (default UTC). A local time in a gap is read as if the clock had not changed yet;"
+        " one that occurs twice is the earlier one.",
+        {"type": "string", "maxLength": 255, "examples": ["Europe/Berlin"]},
+    ),
+    (
+        "granularity",
+        "A series: one bucket per local hour, day, ISO week or calendar month of"
+        " `timezone` (needs `start_date`; at most 1000 buckets).",
+        {"type": "string", "enum": ["hour", "day", "week", "month"]},
     ),
 )
 
@@ -72,6 +86,18 @@ class VoiceSeconds(ClosedModel):
     total_seconds: int = Field(ge=0, description="seconds + kb_seconds")
 
 
+class Bucket(ClosedModel):
+    start: datetime = Field(description="Inclusive, with the zone's offset at that instant.")
+    end: datetime = Field(description="Exclusive: the next bucket's start.")
+    sms: Counts
+    mms: Counts
+    voice: VoiceSeconds
+
+
+_TIMEZONE = "The `timezone` of the request, when it gave one (range answers only)."
+_GRANULARITY = "With `granularity`: the series' unit."
+_BUCKETS = "With `granularity`: every bucket of the range, in order, zeros included."
+Granularity = Literal["hour", "day", "week", "month"]
 _START_ECHO = "With `custom`: the start in UTC, null when open."
 _END_ECHO = "With `custom`: the last instant covered, in UTC; null when open."
 Period = Literal["all_time", "custom"]
@@ -86,6 +112,9 @@ class OrganizationUsage(ClosedModel):
     period: Period
     start_date: datetime | None = Field(default=None, description=_START_ECHO)
     end_date: datetime | None = Field(default=None, description=_END_ECHO)
+    timezone: str | None = Field(default=None, description=_TIMEZONE)
+    granularity: Granularity | None = Field(default=None, description=_GRANULARITY)
+    buckets: list[Bucket] | None = Field(default=None, description=_BUCKETS)
 
 
 class UserUsage(ClosedModel):
@@ -98,6 +127,9 @@ class UserUsage(ClosedModel):
     period: Period
     start_date: datetime | None = Field(default=None, description=_START_ECHO)
     end_date: datetime | None = Field(default=None, description=_END_ECHO)
+    timezone: str | None = Field(default=None, description=_TIMEZONE)
+    granularity: Granularity | None = Field(default=None, description=_GRANULARITY)
+    buckets: list[Bucket] | None = Field(default=None, description=_BUCKETS)
 
 
 class UsageResponse(ClosedModel):

@@ -24,7 +24,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from usage_api.analytics.query import UsageQuery
+from usage_api.analytics.totals import entity_json, metrics_json, period_json
+from usage_api.auth import invalid_key
+from usage_api.db import fetch_row
+from usage_api.models import METRICS
+from usage_api.sql import (
+    EVENT_SUMS,
+    KEY_LOOKUP,
+    METRIC_COLUMNS,
+    METRIC_SUMS,
+    Statement,
+    compile_named,
+    visible_to_key,
+)
 
 Level = Literal["day", "hour", "quarter"]
 LEVELS: tuple[Level, ...] = ("day", "hour", "quarter")
@@ -164,3 +181,182 @@ def plan(bounds: Sequence[datetime], top: Level) -> Plan:
         else:
             refine(top, first, first + size, bucket(first + size // 2))
     return Plan(list(bounds), top, _at(top_start), _at(top_end), spans, raw)
+
+
+# -- the statement ------------------------------------------------------------------------
+# Until quarter-hour roll-ups exist, a quarter-hour is read from the log (which holds every
+# event, folded or not). Hour and day values are roll-ups plus their unfolded deltas.
+# Placeholders as in `totals`: {events} and {rollups} select the entity's rows.
+
+_TOP = {
+    "day": f"""
+    SELECT width_bucket((CAST(day AS timestamp) AT TIME ZONE 'UTC') + interval '12 hours',
+                        CAST(:bounds AS timestamptz[])) AS bucket, {METRIC_COLUMNS}
+    FROM usage_daily WHERE {{rollups}} AND day >= :top_first_day AND day < :top_end_day
+    UNION ALL
+    SELECT width_bucket(date_trunc('day', hour_at, 'UTC') + interval '12 hours',
+                        CAST(:bounds AS timestamptz[])), {METRIC_COLUMNS}
+    FROM usage_deltas WHERE {{events}} AND hour_at >= :top_start AND hour_at < :top_end""",
+    "hour": f"""
+    SELECT width_bucket(hour_at + interval '30 minutes', CAST(:bounds AS timestamptz[]))
+        AS bucket, {METRIC_COLUMNS}
+    FROM usage_hourly WHERE {{rollups}} AND hour_at >= :top_start AND hour_at < :top_end
+    UNION ALL
+    SELECT width_bucket(hour_at + interval '30 minutes', CAST(:bounds AS timestamptz[])),
+        {METRIC_COLUMNS}
+    FROM usage_deltas WHERE {{events}} AND hour_at >= :top_start AND hour_at < :top_end""",
+    # Quarter-hours as the top level: the whole range from the log.
+    "quarter": f"""
+    SELECT width_bucket(occurred_at, CAST(:bounds AS timestamptz[])) AS bucket, {EVENT_SUMS}
+    FROM usage_events WHERE {{events}} AND occurred_at >= :top_start AND occurred_at < :top_end
+    GROUP BY 1""",
+}
+
+_SIGNED = ", ".join(f"t.sign * r.{m}" for m in METRICS)
+_SPANS = f"""
+    SELECT t.bucket, {_SIGNED}
+    FROM unnest(CAST(:{{level}}_start AS timestamptz[]), CAST(:{{level}}_end AS timestamptz[]),
+                CAST(:{{level}}_to AS int[]), CAST(:{{level}}_away AS int[]))
+        AS s(lo, hi, to_bucket, away_bucket)
+    CROSS JOIN LATERAL ({{rows}}) r
+    CROSS JOIN LATERAL (VALUES (s.to_bucket, 1), (s.away_bucket, -1)) t(bucket, sign)
+    WHERE t.bucket > 0"""
+_HOUR_ROWS = f"""
+    SELECT {METRIC_SUMS} FROM (
+        SELECT {METRIC_COLUMNS} FROM usage_hourly
+        WHERE {{rollups}} AND hour_at >= s.lo AND hour_at < s.hi
+        UNION ALL
+        SELECT {METRIC_COLUMNS} FROM usage_deltas
+        WHERE {{events}} AND hour_at >= s.lo AND hour_at < s.hi) x"""
+_QUARTER_ROWS = f"""
+    SELECT {EVENT_SUMS} FROM usage_events
+    WHERE {{events}} AND occurred_at >= s.lo AND occurred_at < s.hi"""
+_RAW = f"""
+    SELECT r.* FROM unnest(CAST(:raw_start AS timestamptz[]), CAST(:raw_end AS timestamptz[]))
+        AS s(lo, hi)
+    CROSS JOIN LATERAL (
+        SELECT width_bucket(occurred_at, CAST(:bounds AS timestamptz[])) AS bucket, {EVENT_SUMS}
+        FROM usage_events WHERE {{events}} AND occurred_at >= s.lo AND occurred_at < s.hi
+        GROUP BY 1) r"""
+
+_BUCKETS = ", ".join(f"array_agg({m} ORDER BY bucket) AS {m}" for m in METRICS)
+_SERIES = f"""
+    SELECT array_agg(bucket ORDER BY bucket) AS buckets, {_BUCKETS} FROM (
+        SELECT bucket, {METRIC_SUMS} FROM ({{parts}}) parts
+        WHERE bucket BETWEEN 1 AND :buckets GROUP BY bucket) b"""
+
+_ORGANIZATION = f"""
+WITH k AS ({KEY_LOOKUP})
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT o.id, o.name, m.* FROM organizations o
+    CROSS JOIN LATERAL ({_SERIES}) m
+    WHERE o.id = :organization_id AND {visible_to_key()}
+) e ON true
+"""
+_USER = f"""
+WITH k AS ({KEY_LOOKUP})
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT u.id, u.name, u.email, m.* FROM users u
+    JOIN organizations o ON o.id = u.organization_id
+    CROSS JOIN LATERAL ({_SERIES}) m
+    WHERE u.id = :user_id AND {visible_to_key()}
+      AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+) e ON true
+"""
+
+
+def _statement(kind: str, top: Level) -> Statement:
+    parts = [_TOP[top]]
+    if top != "quarter":
+        parts += [
+            _SPANS.format(level="hour", rows=_HOUR_ROWS),
+            _SPANS.format(level="quarter", rows=_QUARTER_ROWS),
+            _RAW,
+        ]
+    if kind == "user":
+        template = _USER
+        events = "organization_id = u.organization_id AND user_id = u.id"
+        rollups = events
+    else:
+        template = _ORGANIZATION
+        events = "organization_id = o.id"
+        rollups = "organization_id = o.id AND user_id = ''"
+    union = "\n    UNION ALL".join(
+        f"({part.format(events=events, rollups=rollups)})" for part in parts
+    )
+    return compile_named(template.replace("{parts}", union))
+
+
+_STATEMENTS = {
+    (kind, top): _statement(kind, top) for kind in ("organization", "user") for top in LEVELS
+}
+
+
+def _params(p: Plan) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "bounds": p.bounds,
+        "buckets": len(p.bounds) - 1,
+        "top_start": p.top_start,
+        "top_end": p.top_end,
+        "top_first_day": p.top_start.date(),
+        "top_end_day": p.top_end.date(),
+        "raw_start": [r.start for r in p.raw],
+        "raw_end": [r.end for r in p.raw],
+    }
+    for level in ("hour", "quarter"):
+        spans = [s for s in p.spans if s.level == level]
+        params[f"{level}_start"] = [s.start for s in spans]
+        params[f"{level}_end"] = [s.end for s in spans]
+        params[f"{level}_to"] = [s.to for s in spans]
+        params[f"{level}_away"] = [s.away for s in spans]
+    return params
+
+
+async def read_series(
+    engine: AsyncEngine, key_hash: bytes, query: UsageQuery
+) -> tuple[str, dict[str, Any] | None]:
+    """As `totals.read_usage`, with `granularity` and `buckets`; the totals are the sums
+    of the buckets, read in the same statement, so they always add up."""
+    assert query.granularity is not None
+    kind = "user" if query.user_id is not None else "organization"
+    bounds = list(query.bounds)
+    top = top_level(bounds, query.granularity == "hour")
+    # Quarter-hours come from the log for now: as the top level they cover the range whole.
+    p = plan(bounds, top) if top != "quarter" else Plan(bounds, top, bounds[0], bounds[-1])
+    params = {
+        "key_hash": key_hash,
+        "organization_id": query.organization_id,
+        "user_id": query.user_id,
+        **_params(p),
+    }
+    statement = _STATEMENTS[kind, top]
+    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    if row is None:
+        raise invalid_key()
+    if row["id"] is None:
+        return row["key_id"], None
+
+    sums = {b: [0] * len(METRICS) for b in range(1, len(bounds))}
+    for i, b in enumerate(row["buckets"] or ()):
+        sums[b] = [int(row[m][i]) for m in METRICS]
+    totals = [sum(values) for values in zip(*sums.values(), strict=True)]
+    calendar = query.calendar
+    usage = entity_json(kind, row)
+    usage.update(metrics_json(dict(zip(METRICS, totals, strict=True))))
+    usage.update(period_json(query))
+    usage["granularity"] = query.granularity
+    usage["buckets"] = [
+        {
+            "start": calendar.label(bounds[b - 1]),
+            "end": calendar.label(bounds[b]),
+            **metrics_json(dict(zip(METRICS, values, strict=True))),
+        }
+        for b, values in sums.items()
+    ]
+    return row["key_id"], usage
+
+
+if __name__ == "__main__":
+    for (kind, top), statement in _STATEMENTS.items():
+        print(f"-- {kind}, top level {top}; $n: {', '.join(statement.names)}")
+        print(statement.sql.strip(), end=";\n\n")

@@ -100,7 +100,8 @@ _STATEMENTS = {
 }
 
 
-def _metrics(row: Any) -> dict[str, Any]:
+def metrics_json(row: Any) -> dict[str, Any]:
+    """`sms`, `mms` and `voice` of the contract from a row (or mapping) of the six sums."""
     sms_out, sms_in, mms_out, mms_in, voice, voice_kb = (int(row[m]) for m in METRICS)
     return {
         "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
@@ -109,8 +110,29 @@ def _metrics(row: Any) -> dict[str, Any]:
     }
 
 
+def entity_json(kind: str, row: Any) -> dict[str, Any]:
+    """The head of a `usage` answer: who it is about."""
+    if kind == "user":
+        return {"user_id": row["id"], "user_name": row["name"], "user_email": row["email"]}
+    return {"organization_id": row["id"], "organization_name": row["name"]}
+
+
+def period_json(query: UsageQuery) -> dict[str, Any]:
+    """The tail of a `usage` answer: all time, or the range's echo (and its zone)."""
+    if query.span is None:
+        return {"period": "all_time"}
+    period = {
+        "period": "custom",
+        "start_date": query.span.start_echo,
+        "end_date": query.span.end_echo,
+    }
+    if query.timezone is not None:
+        period["timezone"] = query.timezone
+    return period
+
+
 def metrics_of(usage: dict[str, Any]) -> tuple[int, ...]:
-    """The metrics of a `usage` answer back in `METRICS` order: what `_metrics` spread out."""
+    """The metrics of a `usage` answer back in `METRICS` order: what `metrics_json` spread out."""
     sms, mms, voice = usage["sms"], usage["mms"], usage["voice"]
     return (
         sms["outbound"],
@@ -142,18 +164,9 @@ async def read_usage(
     if row["id"] is None:
         return row["key_id"], None
 
-    usage: dict[str, Any]
-    if kind == "user":
-        usage = {"user_id": row["id"], "user_name": row["name"], "user_email": row["email"]}
-    else:
-        usage = {"organization_id": row["id"], "organization_name": row["name"]}
-    usage.update(_metrics(row))
-    if query.span is None:
-        usage["period"] = "all_time"
-    else:
-        usage["period"] = "custom"
-        usage["start_date"] = query.span.start_echo
-        usage["end_date"] = query.span.end_echo
+    usage = entity_json(kind, row)
+    usage.update(metrics_json(row))
+    usage.update(period_json(query))
     return row["key_id"], usage
 
 
