@@ -556,3 +556,93 @@ async def test_a_range_in_a_time_zone_names_it_and_an_all_time_answer_ignores_it
     response = await client.get(URL, headers={"X-API-Key": key}, params=params)
     assert response.json()["usage"]["period"] == "all_time"
     assert "timezone" not in response.json()["usage"]
+
+
+async def test_an_answer_carries_an_etag_and_a_current_copy_gets_304(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine, "Acme")
+    key = await make_key(engine, "admin", write=True)
+    params = {
+        "organization_id": organization_id,
+        "start_date": "2026-03-01",
+        "end_date": "2026-03-02",
+        "granularity": "day",
+    }
+    first = await client.get(URL, params=params, headers={"X-API-Key": key})
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and etag.startswith('"') and not etag.startswith("W/")
+    again = await client.get(URL, params=params, headers={"X-API-Key": key, "If-None-Match": etag})
+    assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag)
+    weak = await client.get(
+        URL, params=params, headers={"X-API-Key": key, "If-None-Match": f'"x", W/{etag}'}
+    )
+    assert weak.status_code == 304
+    await post_events(client, key, [event(organization_id, occurred_at="2026-03-01T10:00:00Z")])
+    changed = await client.get(
+        URL, params=params, headers={"X-API-Key": key, "If-None-Match": etag}
+    )
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    # All-time answers too.
+    plain = await client.get(
+        URL, params={"organization_id": organization_id}, headers={"X-API-Key": key}
+    )
+    assert plain.headers["etag"] != changed.headers["etag"]
+
+
+async def test_a_series_as_csv_has_one_row_per_bucket(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine, "Acme")
+    key = await make_key(engine, "admin", write=True)
+    await post_events(
+        client,
+        key,
+        [
+            event(organization_id, quantity=3, occurred_at="2026-03-01T10:00:00Z"),
+            event(
+                organization_id,
+                type="voice",
+                direction="inbound",
+                quantity=60,
+                knowledge_base=True,
+                occurred_at="2026-03-02T10:00:00Z",
+            ),
+        ],
+    )
+    params = {
+        "organization_id": organization_id,
+        "start_date": "2026-03-01",
+        "end_date": "2026-03-02",
+        "granularity": "day",
+        "timezone": "Europe/Berlin",
+    }
+    expected = (
+        "start,end,sms_outbound,sms_inbound,sms_total,mms_outbound,mms_inbound,mms_total,"
+        "voice_seconds,voice_kb_seconds,voice_total_seconds\r\n"
+        "2026-03-01T00:00:00+01:00,2026-03-02T00:00:00+01:00,3,0,3,0,0,0,0,0,0\r\n"
+        "2026-03-02T00:00:00+01:00,2026-03-03T00:00:00+01:00,0,0,0,0,0,0,0,60,60\r\n"
+    )
+    for extra, headers in [
+        ({"format": "csv"}, {}),
+        ({}, {"Accept": "application/json;q=0.5, text/csv"}),
+    ]:
+        response = await client.get(
+            URL, params={**params, **extra}, headers={"X-API-Key": key, **headers}
+        )
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/csv; charset=utf-8"
+        assert response.headers["content-disposition"] == (
+            f'attachment; filename="usage-{organization_id}-day.csv"'
+        )
+        assert response.text == expected
+        assert response.headers["etag"]
+    refused = await client.get(
+        URL, params=params, headers={"X-API-Key": key, "Accept": "text/csv;q=0"}
+    )
+    assert refused.headers["content-type"] == "application/json"
+    # Errors stay JSON.
+    error = await client.get(
+        URL, params={**params, "granularity": "minute", "format": "csv"}, headers={"X-API-Key": key}
+    )
+    assert (error.status_code, error.headers["content-type"]) == (400, "application/json")

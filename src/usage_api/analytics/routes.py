@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from starlette.responses import Response
 
+from usage_api.analytics.answers import (
+    CSV_CONTENT,
+    NOT_MODIFIED,
+    csv_answer,
+    csv_body,
+    file_name,
+    json_answer,
+    metric_cells,
+    wants_csv,
+)
 from usage_api.analytics.query import parse_usage_query
 from usage_api.analytics.schemas import UsageResponse, usage_parameters
 from usage_api.analytics.series import read_series
@@ -22,9 +32,13 @@ router = APIRouter(tags=["analytics"], route_class=FastRoute)
     "/v1/analytics/usage",
     operation_id="getUsage",
     openapi_extra=usage_parameters(),
-    responses={200: {"model": UsageResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
+    responses={
+        200: {"model": UsageResponse, **CSV_CONTENT},
+        304: NOT_MODIFIED,
+        **error_responses(400, 401, 404, 429, 500, 503),
+    },
 )
-async def get_usage(request: Request) -> JSONResponse:
+async def get_usage(request: Request) -> Response:
     """Usage of an organization or a user: all time, over a date range, or as a series."""
     app = services(request)
     engine = app.databases.read
@@ -42,4 +56,10 @@ async def get_usage(request: Request) -> JSONResponse:
     request.state.key_id = key_id
     if usage is None:
         raise not_found("user" if query.user_id is not None else "organization")
-    return JSONResponse({"success": True, "usage": usage, "powered_by": app.settings.powered_by})
+    if query.granularity is not None and wants_csv(request):
+        rows = ([b["start"], b["end"], *metric_cells(b)] for b in usage["buckets"])
+        filename = file_name("usage", query.user_id or query.organization_id, query.granularity)
+        return csv_answer(request, filename, csv_body(["start", "end"], rows))
+    return json_answer(
+        request, {"success": True, "usage": usage, "powered_by": app.settings.powered_by}
+    )

@@ -54,6 +54,11 @@ _USAGE_QUERY = (
         " `timezone` (needs `start_date`; at most 1000 buckets).",
         {"type": "string", "enum": ["hour", "day", "week", "month"]},
     ),
+    (
+        "format",
+        "`csv`: a series as CSV (as `Accept: text/csv`), one row per bucket.",
+        {"type": "string", "enum": ["json", "csv"]},
+    ),
 )
 
 
@@ -70,6 +75,16 @@ def usage_parameters() -> dict[str, Any]:
                 "description": description,
             }
             for name, description, schema in _USAGE_QUERY
+        ]
+        + [
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "An ETag of an earlier answer: 304 without a body if it is"
+                " still current.",
+            }
         ],
     }
 
