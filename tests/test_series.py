@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_user
+from tests.factories import event, make_key, make_organization, make_partner, make_user
 from tests.test_calendar import MICROSECOND, changes
 from usage_api.analytics import rollup
 from usage_api.analytics.calendar import GRANULARITIES, Calendar
@@ -646,3 +646,100 @@ async def test_a_series_as_csv_has_one_row_per_bucket(
         URL, params={**params, "granularity": "minute", "format": "csv"}, headers={"X-API-Key": key}
     )
     assert (error.status_code, error.headers["content-type"]) == (400, "application/json")
+
+
+async def test_a_partner_reads_as_the_sum_of_its_organizations_of_now(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    partner_id = await make_partner(engine, "Agency")
+    other_partner = await make_partner(engine, "Other")
+    first = await make_organization(engine, "First", partner_id)
+    second = await make_organization(engine, "Second", partner_id)
+    elsewhere = await make_organization(engine, "Elsewhere", other_partner)
+    user = await make_user(engine, second, "U")
+    admin = await make_key(engine, "admin", write=True)
+    await post_events(
+        client,
+        admin,
+        [
+            event(first, quantity=2, occurred_at="2026-03-01T10:00:00Z"),
+            event(second, quantity=3, user_id=user, occurred_at="2026-03-02T10:00:00Z"),
+            event(elsewhere, quantity=100, occurred_at="2026-03-02T10:00:00Z"),
+        ],
+    )
+    await rollup.fold_all(engine)
+    await post_events(
+        client, admin, [event(second, quantity=5, occurred_at="2026-03-02T11:00:00Z")]
+    )
+
+    async def usage(key: str, **params: str) -> httpx.Response:
+        return await client.get(URL, params=params, headers={"X-API-Key": key})
+
+    response = await usage(admin, partner_id=partner_id)
+    assert response.json() == {
+        "success": True,
+        "usage": {
+            "partner_id": partner_id,
+            "partner_name": "Agency",
+            **metrics_json((10, 0, 0, 0, 0, 0)),
+            "period": "all_time",
+        },
+        "powered_by": "Teli",
+    }
+    series = await usage(
+        admin,
+        partner_id=partner_id,
+        start_date="2026-03-01",
+        end_date="2026-03-02",
+        granularity="day",
+    )
+    assert [b["sms"]["outbound"] for b in series.json()["usage"]["buckets"]] == [2, 8]
+    ranged = await usage(admin, partner_id=partner_id, start_date="2026-03-02")
+    assert ranged.json()["usage"]["sms"]["outbound"] == 8
+    # With an organization: that organization's, if it is the partner's.
+    assert (await usage(admin, partner_id=partner_id, organization_id=first)).json()["usage"][
+        "organization_id"
+    ] == first
+    not_ours = await usage(admin, partner_id=partner_id, organization_id=elsewhere)
+    assert (not_ours.status_code, not_ours.json()["error"]) == (404, "organization not found")
+    assert (await usage(admin, partner_id=partner_id, user_id=user)).json()["usage"][
+        "user_id"
+    ] == user
+    wrong_user = await usage(admin, partner_id=other_partner, user_id=user)
+    assert (wrong_user.status_code, wrong_user.json()["error"]) == (404, "user not found")
+
+    # Scope: a partner key sees its own partner; another partner, unknown, and an
+    # organization key's view of any partner all read the same 404.
+    own = await make_key(engine, "partner", partner_id=partner_id)
+    assert (await usage(own, partner_id=partner_id)).status_code == 200
+    unknown = await usage(admin, partner_id="no-such-partner")
+    for key, asked in [
+        (own, other_partner),
+        (await make_key(engine, "organization", organization_id=first), partner_id),
+    ]:
+        hidden = await usage(key, partner_id=asked)
+        assert (hidden.status_code, hidden.content) == (404, unknown.content)
+    assert unknown.json() == {"success": False, "error": "partner not found"}
+    bad = await usage(admin, partner_id="has space")
+    assert (bad.status_code, bad.json()["error"]) == (400, "invalid partner_id")
+
+
+async def test_an_organization_that_moves_takes_its_history_along(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    old, new = await make_partner(engine, "Old"), await make_partner(engine, "New")
+    organization_id = await make_organization(engine, "Mover", old)
+    admin = await make_key(engine, "admin", write=True)
+    await post_events(client, admin, [event(organization_id, quantity=4)])
+    await rollup.fold_all(engine)
+    moved = await client.put(
+        f"/v1/organizations/{organization_id}",
+        headers={"X-API-Key": admin},
+        json={"name": "Mover", "partner_id": new},
+    )
+    assert moved.status_code == 200
+    for partner_id, expected in [(old, 0), (new, 4)]:
+        response = await client.get(
+            URL, params={"partner_id": partner_id}, headers={"X-API-Key": admin}
+        )
+        assert response.json()["usage"]["sms"]["outbound"] == expected

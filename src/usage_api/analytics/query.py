@@ -4,7 +4,7 @@ time zone and granularity."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -33,6 +33,14 @@ class UsageQuery:
     granularity: Granularity | None = None
     # With `granularity`: every bucket boundary, from the range's start to its end.
     bounds: tuple[datetime, ...] = ()
+    partner_id: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """Whose usage: the user's wins, then the organization's, then the partner's."""
+        if self.user_id is not None:
+            return "user"
+        return "organization" if self.organization_id is not None else "partner"
 
     @property
     def calendar(self) -> Calendar:
@@ -44,7 +52,8 @@ def parse_usage_query(params: Mapping[str, str]) -> UsageQuery:
     """The usage read's query; 400 with the contract's message for the first thing wrong."""
     organization_id = checked_id(blank_as_none(params.get("organization_id")), "organization_id")
     user_id = checked_id(blank_as_none(params.get("user_id")), "user_id")
-    if organization_id is None and user_id is None:
+    partner_id = checked_id(blank_as_none(params.get("partner_id")), "partner_id")
+    if organization_id is None and user_id is None and partner_id is None:
         raise bad_request("organization_id or user_id is required")
     start_date = blank_as_none(params.get("start_date"))
     end_date = blank_as_none(params.get("end_date"))
@@ -76,18 +85,11 @@ def parse_usage_query(params: Mapping[str, str]) -> UsageQuery:
             span = _through_present_bucket(span, Calendar(zone or _UTC, granularity))
         if span is None:
             raise bad_request("start_date must not be after end_date")
-    query = UsageQuery(organization_id, user_id, span, timezone, granularity)
+    query = UsageQuery(organization_id, user_id, span, timezone, granularity, partner_id=partner_id)
     if granularity is None or span is None:
         return query
     cut = query.calendar.buckets(span.start, span.end_exclusive)
-    return UsageQuery(
-        organization_id,
-        user_id,
-        span,
-        timezone,
-        granularity,
-        (cut[0][0], *(end for _, end in cut)),
-    )
+    return replace(query, bounds=(cut[0][0], *(end for _, end in cut)))
 
 
 def _through_present_bucket(span: DateRange, calendar: Calendar) -> DateRange | None:

@@ -29,7 +29,14 @@ from typing import Any, Literal
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usage_api.analytics.query import UsageQuery
-from usage_api.analytics.totals import entity_json, metrics_json, period_json
+from usage_api.analytics.totals import (
+    ENTITY_ROWS,
+    IN_PARTNER,
+    PARTNER_VISIBLE,
+    entity_json,
+    metrics_json,
+    period_json,
+)
 from usage_api.auth import invalid_key
 from usage_api.db import fetch_row
 from usage_api.models import METRICS
@@ -250,7 +257,7 @@ WITH k AS ({KEY_LOOKUP})
 SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     SELECT o.id, o.name, m.* FROM organizations o
     CROSS JOIN LATERAL ({_SERIES}) m
-    WHERE o.id = :organization_id AND {visible_to_key()}
+    WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}
 ) e ON true
 """
 _USER = f"""
@@ -261,8 +268,18 @@ SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     CROSS JOIN LATERAL ({_SERIES}) m
     WHERE u.id = :user_id AND {visible_to_key()}
       AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+      AND {IN_PARTNER}
 ) e ON true
 """
+_PARTNER = f"""
+WITH k AS ({KEY_LOOKUP})
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT p.id, p.name, m.* FROM partners p
+    CROSS JOIN LATERAL ({_SERIES}) m
+    WHERE p.id = :partner_id AND {PARTNER_VISIBLE}
+) e ON true
+"""
+_TEMPLATES = {"user": _USER, "organization": _ORGANIZATION, "partner": _PARTNER}
 
 
 def _statement(kind: str, top: Level) -> Statement:
@@ -273,23 +290,15 @@ def _statement(kind: str, top: Level) -> Statement:
             _SPANS.format(level="quarter", rows=_QUARTER_ROWS),
             _RAW,
         ]
-    if kind == "user":
-        template = _USER
-        events = "organization_id = u.organization_id AND user_id = u.id"
-        rollups = events
-    else:
-        template = _ORGANIZATION
-        events = "organization_id = o.id"
-        rollups = "organization_id = o.id AND user_id = ''"
+    template = _TEMPLATES[kind]
+    events, rollups = ENTITY_ROWS[kind]
     union = "\n    UNION ALL".join(
         f"({part.format(events=events, rollups=rollups)})" for part in parts
     )
     return compile_named(template.replace("{parts}", union))
 
 
-_STATEMENTS = {
-    (kind, top): _statement(kind, top) for kind in ("organization", "user") for top in LEVELS
-}
+_STATEMENTS = {(kind, top): _statement(kind, top) for kind in _TEMPLATES for top in LEVELS}
 
 
 def _params(p: Plan) -> dict[str, Any]:
@@ -318,7 +327,7 @@ async def read_series(
     """As `totals.read_usage`, with `granularity` and `buckets`; the totals are the sums
     of the buckets, read in the same statement, so they always add up."""
     assert query.granularity is not None
-    kind = "user" if query.user_id is not None else "organization"
+    kind = query.kind
     bounds = list(query.bounds)
     top = top_level(bounds, query.granularity == "hour")
     # Quarter-hours come from the log for now: as the top level they cover the range whole.
@@ -327,6 +336,7 @@ async def read_series(
         "key_hash": key_hash,
         "organization_id": query.organization_id,
         "user_id": query.user_id,
+        "partner_id": query.partner_id,
         **_params(p),
     }
     statement = _STATEMENTS[kind, top]
