@@ -27,7 +27,7 @@ from usage_api.db import transact
 pytestmark = pytest.mark.slow
 
 OPERATIONS = {
-    "analytics": {"get_usage"},
+    "analytics": {"get_usage", "get_usage_breakdown"},
     "ingestion": {"post_events"},
     "directory": {"put_partner", "put_organization", "put_user"},
     "operations": {"get_health", "get_readiness"},

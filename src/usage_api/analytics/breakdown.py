@@ -102,12 +102,7 @@ def parse_breakdown_query(params: Mapping[str, str]) -> BreakdownQuery:
     descending = sort.startswith("-")
     if sort.removeprefix("-") not in SORTS:
         raise bad_request(f"invalid sort: one of {', '.join(SORTS)}, with - for descending")
-    raw_limit = blank_as_none(params.get("limit"))
-    limit = DEFAULT_LIMIT
-    if raw_limit is not None:
-        if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
-            raise bad_request(f"invalid limit: an integer from 1 to {MAX_LIMIT}")
-        limit = int(raw_limit)
+    limit = parse_limit(params.get("limit"))
     query = BreakdownQuery(usage, group_by, sort.removeprefix("-"), descending, limit, None)
     cursor = blank_as_none(params.get("cursor"))
     if cursor is None:
@@ -115,6 +110,34 @@ def parse_breakdown_query(params: Mapping[str, str]) -> BreakdownQuery:
     return BreakdownQuery(
         usage, group_by, query.sort, descending, limit, _read_cursor(cursor, query)
     )
+
+
+def parse_limit(value: str | None) -> int:
+    """A page's `limit`: 1 to 1000, 100 when not given."""
+    raw = blank_as_none(value)
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise bad_request(f"invalid limit: an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def page_cursor(last_id: str, binding: str) -> str:
+    """An opaque cursor of a list by id: the last id, bound to the list it came from."""
+    raw = json.dumps([last_id, binding], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def read_page_cursor(cursor: str, binding: str) -> str:
+    """The last id of a `page_cursor` from the same list; 400 for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        last_id, bound = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        last_id, bound = None, None
+    if bound != binding or not isinstance(last_id, str):
+        raise bad_request("invalid cursor: pass back the next_cursor of the previous page")
+    return last_id
 
 
 def _cursor(query: BreakdownQuery, value: Any, member_id: str) -> str:

@@ -201,7 +201,7 @@ _BREAKDOWN_QUERY = (
     (
         "limit",
         "Rows a page, 1 to 1000 (default 100).",
-        {"type": "string", "pattern": "^[0-9]+$", "examples": ["100"]},
+        {"type": "integer", "minimum": 1, "maximum": 1000, "examples": [100]},
     ),
     (
         "cursor",
