@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
+from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from tests.test_series import metrics_json, post_events
 from usage_api.analytics import rollup
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import make_key, make_organization, make_partner, make_user
+from tests.support.factories import make_key, make_organization, make_partner, make_user
 
 
 async def get(client: httpx.AsyncClient, key: str, path: str, **params: str) -> httpx.Response:

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
+from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from tests.test_calendar import MICROSECOND, changes
 from usage_api.analytics import rollup
 from usage_api.analytics.calendar import GRANULARITIES, Calendar
@@ -300,6 +300,7 @@ async def check_series(
     assert answered >= asked // 2
 
 
+@pytest.mark.slow
 async def test_random_series_in_every_zone_equal_sums_over_the_events_sent(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
