@@ -181,6 +181,13 @@ async def test_a_partners_organizations_zeros_included_and_the_answers_shape(
         },
         "powered_by": "Teli",
     }
+    etag = response.headers["etag"]
+    again = await client.get(
+        URL,
+        headers={"X-API-Key": key, "If-None-Match": etag},
+        params={"partner_id": partner_id, "sort": "-sms.outbound", "start_date": "2026-03-01"},
+    )
+    assert (again.status_code, again.content) == (304, b"")
     csv = await client.get(
         URL,
         headers={"X-API-Key": key, "Accept": "text/csv"},
