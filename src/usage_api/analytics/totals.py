@@ -61,38 +61,42 @@ _RANGE_PARTS = f"""
 IN_PARTNER = "(CAST(:partner_id AS text) IS NULL OR o.partner_id = :partner_id)"
 PARTNER_VISIBLE = "(k.scope = 'admin' OR k.partner_id = p.id)"
 
-# No row: the key is unknown, revoked or expired. A row with a NULL `id`: the entity is
-# unknown or outside the key's scope, which must read the same.
-_ORGANIZATION = f"""
+# What each kind of entity answers with, where it comes from, and the condition that it is
+# the one asked for and inside the key's scope.
+_ENTITIES = {
+    "organization": (
+        "o.id, o.name",
+        "organizations o",
+        f"o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}",
+    ),
+    "user": (
+        "u.id, u.name, u.email",
+        "users u JOIN organizations o ON o.id = u.organization_id",
+        f"u.id = :user_id AND {visible_to_key()}"
+        " AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)"
+        f" AND {IN_PARTNER}",
+    ),
+    # A partner's usage is its organizations' of now: every part selects their rows at once.
+    "partner": ("p.id, p.name", "partners p", f"p.id = :partner_id AND {PARTNER_VISIBLE}"),
+}
+
+
+def entity_statement(kind: str, sums: str) -> str:
+    """The statement of one answer: the caller's key, the entity and `sums` (a subquery of
+    the entity's metrics, as `m`). No row: the key is unknown, revoked or expired. A row
+    with a NULL `id`: the entity is unknown or outside the key's scope, which must read the
+    same."""
+    columns, source, condition = _ENTITIES[kind]
+    return f"""
 WITH k AS ({KEY_LOOKUP})
 SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT o.id, o.name, m.* FROM organizations o
-    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}
+    SELECT {columns}, m.* FROM {source}
+    CROSS JOIN LATERAL ({sums}) m
+    WHERE {condition}
 ) e ON true
 """
 
-_USER = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT u.id, u.name, u.email, m.* FROM users u
-    JOIN organizations o ON o.id = u.organization_id
-    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE u.id = :user_id AND {visible_to_key()}
-      AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
-      AND {IN_PARTNER}
-) e ON true
-"""
 
-# A partner's usage is its organizations' of now: every part selects their rows at once.
-_PARTNER = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT p.id, p.name, m.* FROM partners p
-    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE p.id = :partner_id AND {PARTNER_VISIBLE}
-) e ON true
-"""
 PARTNER_EVENTS = (
     "organization_id = ANY(ARRAY(SELECT po.id FROM organizations po WHERE po.partner_id = p.id))"
 )
@@ -107,17 +111,21 @@ SELECT EXISTS (SELECT FROM partners p WHERE p.id = :partner_id AND {PARTNER_VISI
 """
 
 
-TEMPLATES = {"user": _USER, "organization": _ORGANIZATION, "partner": _PARTNER}
+KINDS = tuple(_ENTITIES)
+_SUMS = f"SELECT {METRIC_SUMS} FROM ({{parts}}) parts"
 
 
 def _statement(kind: str, ranged: bool) -> Statement:
     parts = _RANGE_PARTS if ranged else _ALL_TIME_PARTS
     events, rollups = ENTITY_ROWS[kind]
-    return compile_named(TEMPLATES[kind].format(parts=parts.format(events=events, rollups=rollups)))
+    sql = entity_statement(kind, _SUMS).replace(
+        "{parts}", parts.format(events=events, rollups=rollups)
+    )
+    return compile_named(sql)
 
 
 _STATEMENTS = {
-    (kind, ranged): _statement(kind, ranged) for kind in TEMPLATES for ranged in (False, True)
+    (kind, ranged): _statement(kind, ranged) for kind in KINDS for ranged in (False, True)
 }
 _PARTNER_VISIBLE_STATEMENT = compile_named(_PARTNER_VISIBLE)
 
