@@ -29,7 +29,7 @@ from usage_api.db import create_engine
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = (
     "usage_events, usage_deltas, usage_counters, usage_hourly, usage_daily,"
-    " api_key_windows, api_keys, users, organizations, partners"
+    " dashboard_sessions, api_key_windows, api_keys, users, organizations, partners"
 )
 
 
