@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from usage_api import errors
 from usage_api.auth import CurrentKey, EngineDep, authenticate, presented_hash
 from usage_api.config import Settings, get_settings
+from usage_api.dashboard.routes import router as dashboard_router
 from usage_api.dates import make_range, parse_instant
 from usage_api.db import create_engine, run_autocommit, transact
 from usage_api.directory import put_organization, put_partner, put_user
@@ -361,6 +362,8 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         body: UserIn = _model(UserIn, await _json_body(request))
         created, entity = await transact(engine, put_user, principal, user_id, body)
         return _upserted("user", created, entity)
+
+    app.include_router(dashboard_router)
 
     if metrics is not None:
         app.add_api_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)

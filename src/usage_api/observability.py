@@ -203,10 +203,16 @@ _SECURITY_HEADERS = [
 ]
 _CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
 _NO_STORE = (b"cache-control", b"no-store")
+# The dashboard's pages load their own stylesheet, script and icon, and nothing else.
+_DASHBOARD_CSP = (
+    b"content-security-policy",
+    b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+)
 # /docs loads Swagger UI's script and styles from a CDN: no CSP there.
 _DOCS_HEADERS = _SECURITY_HEADERS
 _API_HEADERS = [*_SECURITY_HEADERS, _CSP, _NO_STORE]
 _OTHER_HEADERS = [*_SECURITY_HEADERS, _CSP]
+_DASHBOARD_HEADERS = [*_SECURITY_HEADERS, _DASHBOARD_CSP]
 
 
 class Observer:
@@ -231,6 +237,8 @@ class Observer:
             headers = _API_HEADERS
         elif path.startswith("/docs"):
             headers = _DOCS_HEADERS
+        elif path == "/dashboard" or path.startswith("/dashboard/"):
+            headers = _DASHBOARD_HEADERS
         else:
             headers = _OTHER_HEADERS
         headers = [*headers, (b"x-request-id", request_id.encode())]
