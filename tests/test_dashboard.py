@@ -158,6 +158,10 @@ async def post_events(client: httpx.AsyncClient, key: str, events: list[dict[str
 
 @pytest.fixture
 async def tenants(client: httpx.AsyncClient, engine: AsyncEngine) -> Tenants:
+    return await make_tenants(client, engine)
+
+
+async def make_tenants(client: httpx.AsyncClient, engine: AsyncEngine) -> Tenants:
     """A partner with two organizations; the first has two users and usage around the
     spring DST change in Berlin (2026-03-29), with and without a user."""
     partner_id = await make_partner(engine, "Northwind")
@@ -283,6 +287,7 @@ async def test_a_wrong_key_is_told_in_words(client: httpx.AsyncClient, engine: A
         {"Origin": "null"},
         {"Sec-Fetch-Site": "cross-site"},
         {"Sec-Fetch-Site": "same-site", "Origin": "http://test"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://test"},
     ],
 )
 async def test_cross_site_sign_in_and_sign_out_are_refused(

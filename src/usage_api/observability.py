@@ -212,7 +212,14 @@ _DASHBOARD_CSP = (
 _DOCS_HEADERS = _SECURITY_HEADERS
 _API_HEADERS = [*_SECURITY_HEADERS, _CSP, _NO_STORE]
 _OTHER_HEADERS = [*_SECURITY_HEADERS, _CSP]
-_DASHBOARD_HEADERS = [*_SECURITY_HEADERS, _DASHBOARD_CSP]
+# `same-origin`: with `no-referrer` a browser sends `Origin: null` on the dashboard's own
+# form posts, and the sign-in could not tell them from a cross-site one.
+_DASHBOARD_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+    _DASHBOARD_CSP,
+]
 
 
 class Observer:

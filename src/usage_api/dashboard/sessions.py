@@ -122,16 +122,15 @@ def is_same_origin(request: Request) -> bool:
 
     SameSite=Strict already keeps the cookie off cross-site requests; this also stops a
     cross-site form from signing a browser in with someone else's key. Browsers send
-    `Sec-Fetch-Site` or `Origin` on every POST; a client that sends neither is not a
-    browser another site can steer."""
+    `Sec-Fetch-Site`, or at least `Origin`, on every POST; a client that sends neither is
+    not a browser another site can steer."""
     site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        return False
+    if site is not None:
+        # Set by the browser itself, never by a page's script: it has the last word.
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    if origin == "null":
-        return False
     # The host only: behind a proxy that ends TLS the scheme seen here may differ.
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
