@@ -12,14 +12,14 @@ import math
 import random
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from usage_api.analytics.rollup import fold_all
 from usage_api.auth import Principal, create_key
 from usage_api.dates import utc_now
-from usage_api.db import transact
+from usage_api.db import PrimaryEngine, transact
 from usage_api.directory import put_organization, put_partner, put_user
 from usage_api.ingest import ingest
-from usage_api.rollup import fold_all
 from usage_api.schemas import (
     Direction,
     EventType,
@@ -214,7 +214,7 @@ def _other_user_id(organization_index: int, user_index: int) -> str:
     return f"1768236789853x70756587515342{organization_index:02d}{user_index:02d}"
 
 
-async def load_demo(engine: AsyncEngine) -> None:
+async def load_demo(engine: PrimaryEngine) -> None:
     """Create the demo partner, organizations, users and usage; running it again changes
     nothing."""
     await transact(engine, put_partner, _ADMIN, PARTNER_ID, PartnerIn(name="Northwind Partners"))

@@ -17,11 +17,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from usage_api.analytics.query import UsageQuery
+from usage_api.analytics.totals import metrics_of, read_usage
 from usage_api.dashboard.filters import FilterError, Filters
 from usage_api.dashboard.tenants import Member, Tenant
 from usage_api.dates import DateRange
 from usage_api.errors import ApiError
-from usage_api.usage import UsageQuery, metrics_of, read_usage
 
 MAX_BUCKETS = 1000
 ZERO: tuple[int, ...] = (0, 0, 0, 0, 0, 0)

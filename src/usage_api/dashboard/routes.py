@@ -16,7 +16,6 @@ from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import RedirectResponse, Response
 
@@ -32,8 +31,9 @@ from usage_api.dashboard.filters import (
 )
 from usage_api.dashboard.sessions import Session
 from usage_api.dates import utc_now
-from usage_api.db import run_autocommit, transact
+from usage_api.db import PrimaryEngine, ReadEngine, run_autocommit, transact
 from usage_api.errors import ApiError
+from usage_api.http.deps import services
 from usage_api.ids import is_valid_id
 
 PREFIX = "/dashboard"
@@ -93,16 +93,21 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
     return response
 
 
-def _engine(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.app.state.engine
-    return engine
+def _engine(request: Request) -> ReadEngine:
+    """Where the pages' reads go: a replica when there is a healthy one."""
+    return services(request).databases.read
+
+
+def _primary(request: Request) -> PrimaryEngine:
+    """Sessions are key bookkeeping: always the primary, so a revocation is seen at once."""
+    return services(request).databases.primary
 
 
 async def _session(request: Request) -> Session | None:
     token = request.cookies.get(sessions.COOKIE)
     if not token:
         return None
-    session = await run_autocommit(_engine(request), sessions.find_session, token)
+    session = await run_autocommit(_primary(request), sessions.find_session, token)
     if session is not None:
         request.state.key_id = session.principal.key_id
     return session
@@ -210,7 +215,7 @@ async def sign_in(request: Request) -> Response:
     opened = None
     if key:
         try:
-            opened = await transact(_engine(request), sessions.open_session, key)
+            opened = await transact(_primary(request), sessions.open_session, key)
         except ApiError as exc:
             return _unavailable(request, exc)
     if opened is None:
@@ -237,7 +242,7 @@ async def sign_out(request: Request) -> Response:
     token = request.cookies.get(sessions.COOKIE)
     if token:
         try:
-            await transact(_engine(request), sessions.close_session, token)
+            await transact(_primary(request), sessions.close_session, token)
         except ApiError as exc:
             return _unavailable(request, exc)
     response = RedirectResponse(f"{PREFIX}/sign-in?signed_out=1", 303)

@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
-from usage_api.auth import KEY_LOOKUP, Principal, hash_key
+from usage_api.auth import Principal, hash_key
+from usage_api.sql import KEY_LOOKUP
 
 COOKIE = "usage_session"
 COOKIE_PATH = "/dashboard"

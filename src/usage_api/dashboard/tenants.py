@@ -12,7 +12,10 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.auth import VISIBLE_ORGANIZATION, Principal
+from usage_api.auth import Principal
+from usage_api.sql import visible_organization
+
+VISIBLE_ORGANIZATION = visible_organization()
 
 ADMIN_PAGE_SIZE = 50
 
