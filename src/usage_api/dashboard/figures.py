@@ -10,6 +10,7 @@ breakdowns answer these same questions directly; this module is where they plug 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -25,6 +26,7 @@ from usage_api.dates import DateRange
 from usage_api.errors import ApiError
 
 MAX_BUCKETS = 1000
+PARALLEL_READS = 4
 ZERO: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
 
 
@@ -155,11 +157,17 @@ async def series(
     members: list[Member],
     filters: Filters,
 ) -> list[Bucket]:
-    buckets = []
-    for start, end in bucket_bounds(filters):
-        values = await totals(engine, key_hash, tenant, members, start, end)
-        buckets.append(Bucket(start, end, values or ZERO))
-    return buckets
+    bounds = bucket_bounds(filters)
+    # A few buckets at a time: the reads are independent, and a handful of connections
+    # keeps the database busy without taking the whole pool from other requests.
+    gate = asyncio.Semaphore(PARALLEL_READS)
+
+    async def bucket(start: datetime, end: datetime) -> Bucket:
+        async with gate:
+            values = await totals(engine, key_hash, tenant, members, start, end)
+        return Bucket(start, end, values or ZERO)
+
+    return list(await asyncio.gather(*(bucket(start, end) for start, end in bounds)))
 
 
 async def breakdown(
