@@ -739,3 +739,17 @@ async def test_pages_are_compressed_and_small(client: httpx.AsyncClient, tenants
     assert response.headers["content-encoding"] == "gzip"
     assert len(read_page(response.text).buckets) == 365
     assert int(response.headers["content-length"]) < 100_000
+
+
+async def test_the_key_never_reaches_the_log(
+    client: httpx.AsyncClient, tenants: Tenants, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    await sign_in(client, tenants.admin_key)
+    await client.get(f"/dashboard/organizations/{tenants.organization_id}", params=BERLIN_WEEK)
+    await sign_in(client, tenants.admin_key + "x")  # a wrong one neither
+    access = [record for record in caplog.records if record.name == "usage_api.access"]
+    assert len(access) == 3
+    assert access[1].__dict__["key_id"] is not None  # the page names its key by id
+    for record in caplog.records:
+        assert tenants.admin_key not in repr(record.__dict__)
