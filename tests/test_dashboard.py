@@ -527,6 +527,24 @@ async def test_a_users_view_is_the_users_usage(client: httpx.AsyncClient, tenant
     assert "Acme Corp" in page.text  # the way back to its organization
 
 
+async def test_the_hour_repeated_when_clocks_go_back_is_listed_twice(
+    client: httpx.AsyncClient, tenants: Tenants
+) -> None:
+    await sign_in(client, tenants.admin_key)
+    response = await client.get(
+        f"/dashboard/organizations/{tenants.organization_id}",
+        params={**BERLIN_WEEK, "start": "2026-10-25", "end": "2026-10-25", "granularity": "hour"},
+    )
+    starts = [start for start, _, _ in read_page(response.text).buckets]
+    assert len(starts) == 25
+    assert starts[1:5] == [
+        "2026-10-25T01:00:00+02:00",
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T03:00:00+01:00",
+    ]
+
+
 @pytest.mark.parametrize(
     ("granularity", "starts"),
     [

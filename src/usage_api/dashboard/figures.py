@@ -97,14 +97,9 @@ class Row:
 
 def bucket_bounds(filters: Filters) -> list[tuple[datetime, datetime]]:
     """The local calendar buckets of the period, in order, contiguous, clipped to it."""
-    start, end = filters.start, filters.end
+    end = filters.end
     if filters.granularity == "hour":
-        utc_start, utc_end = start.astimezone(UTC), end.astimezone(UTC)
-        count = -(-(utc_end - utc_start) // timedelta(hours=1))
-        _check_count(count)
-        edges = [utc_start + timedelta(hours=n) for n in range(count)] + [utc_end]
-        zone = filters.zone
-        return [(a.astimezone(zone), b.astimezone(zone)) for a, b in itertools.pairwise(edges)]
+        return _hours(filters)
     days: list[date] = []
     day = filters.first_day
     last = filters.last_day
@@ -121,6 +116,27 @@ def bucket_bounds(filters: Filters) -> list[tuple[datetime, datetime]]:
             _check_count(len(days))
     edges_local = [filters.local_midnight(d) for d in days] + [end]
     return list(itertools.pairwise(edges_local))
+
+
+def _hours(filters: Filters) -> list[tuple[datetime, datetime]]:
+    """Local wall-clock hours: each whole hour of the wall clock that exists, the repeated
+    one twice (once per offset); a skipped one is not there."""
+    zone = filters.zone
+    start, end = filters.start.astimezone(UTC), filters.end.astimezone(UTC)
+    _check_count(int((end - start) / timedelta(hours=1)))
+    edges = {start, end}
+    day = filters.first_day
+    while day <= filters.last_day:
+        for hour in range(24):
+            for fold in (0, 1):
+                wall = datetime(day.year, day.month, day.day, hour, tzinfo=zone, fold=fold)
+                at = wall.astimezone(UTC)
+                if start < at < end:
+                    edges.add(at)
+        day += timedelta(days=1)
+    ordered = sorted(edges)
+    _check_count(len(ordered) - 1)
+    return [(a.astimezone(zone), b.astimezone(zone)) for a, b in itertools.pairwise(ordered)]
 
 
 def _check_count(count: int) -> None:
