@@ -20,9 +20,19 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
+from tests.factories import (
+    ADMIN,
+    event,
+    make_key,
+    make_organization,
+    make_partner,
+    make_user,
+)
 from usage_api.auth import hash_key
 from usage_api.dashboard.filters import METRIC_COLUMNS
+from usage_api.db import transact
+from usage_api.directory import put_organization
+from usage_api.schemas import OrganizationIn
 
 USAGE = "/v1/analytics/usage"
 METRICS = [name for name, _, _ in METRIC_COLUMNS]
@@ -771,3 +781,23 @@ async def test_the_key_never_reaches_the_log(
     assert access[1].__dict__["key_id"] is not None  # the page names its key by id
     for record in caplog.records:
         assert tenants.admin_key not in repr(record.__dict__)
+
+
+async def test_ids_with_url_characters_reach_their_views(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = "acme/eu?x=1#top%20"
+    await transact(engine, put_organization, ADMIN, organization_id, OrganizationIn(name="Acme EU"))
+    user_id = await make_user(engine, organization_id, "Zoë")
+    key = await make_key(engine, "organization", organization_id=organization_id)
+    await sign_in(client, key)
+    response = await client.get("/dashboard?tz=UTC")
+    assert response.headers["location"] == (
+        "/dashboard/organizations/acme%2Feu%3Fx%3D1%23top%2520?tz=UTC"
+    )
+    response = await client.get(response.headers["location"])
+    assert response.status_code == 200
+    assert "Acme EU" in response.text
+    assert f'href="/dashboard/users/{user_id}?' in response.text
+    assert 'action="/dashboard/organizations/acme%2Feu%3Fx%3D1%23top%2520"' in response.text
+    assert 'href="/dashboard/organizations/acme%2Feu%3Fx%3D1%23top%2520?period=7d' in response.text

@@ -165,9 +165,11 @@ async def home(request: Request) -> Response:
     tz = request.query_params.get("tz")
     query = f"?{urlencode({'tz': tz})}" if tz else ""
     if principal.scope == "partner":
-        return RedirectResponse(f"{PREFIX}/partners/{principal.partner_id}{query}", 303)
+        own = quote(str(principal.partner_id), safe="")
+        return RedirectResponse(f"{PREFIX}/partners/{own}{query}", 303)
     if principal.scope == "organization":
-        return RedirectResponse(f"{PREFIX}/organizations/{principal.organization_id}{query}", 303)
+        own = quote(str(principal.organization_id), safe="")
+        return RedirectResponse(f"{PREFIX}/organizations/{own}{query}", 303)
     page_text = request.query_params.get("page", "1")
     page = int(page_text) if page_text.isdigit() and 0 < int(page_text) < 1_000_000 else 1
     try:
@@ -296,10 +298,12 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         )
     params = request.query_params
     tz = params.get("tz")
-    base: dict[str, Any] = {"session": session, "tenant": tenant}
+    # The view's own path, quoted: ids may hold `/`, `?`, `#` or `%`.
+    view_path = f"{PREFIX}/{kind}s/{quote(tenant.id, safe='')}"
+    base: dict[str, Any] = {"session": session, "tenant": tenant, "view_path": view_path}
     if not tz:
         # The browser's own zone is the default; only the browser knows it.
-        utc = f"{request.url.path}?{urlencode({**params, 'tz': 'UTC'})}"
+        utc = f"{view_path}?{urlencode({**params, 'tz': 'UTC'})}"
         return _page(request, "choose_zone.html", **base, utc_url=utc)
     now = utc_now()
     members = await run_autocommit(engine, tenants.members, principal, tenant)
@@ -346,7 +350,6 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         member_kind=member_kind,
         members_known=len(members),
         as_of=now.astimezone(filters.zone),
-        view_path=request.url.path,
     )
 
 
