@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -406,7 +406,12 @@ async def test_live_refresh_shows_new_usage_without_a_reload(
 ) -> None:
     await visit.page.clock.install()
     await visit.sign_in(tenants.admin_key)
-    await visit.goto(f"/dashboard/organizations/{tenants.organization_id}?period=today&tz=UTC")
+    # Yesterday to tomorrow: the event sent "now" lands inside even at midnight.
+    today = datetime.now(UTC).date()
+    days = f"start={today - timedelta(days=1)}&end={today + timedelta(days=1)}"
+    await visit.goto(
+        f"/dashboard/organizations/{tenants.organization_id}?period=custom&{days}&tz=UTC"
+    )
     await visit.page.check("#live")
     await visit.page.click("form.filters button[type=submit]")
     await visit.settled()
