@@ -27,11 +27,11 @@ from typing import Any
 from playwright.sync_api import Browser, sync_playwright
 
 from usage_api import demo
-from usage_api.auth import create_key
 from usage_api.cli import migrate_to_head
 from usage_api.config import Settings
 from usage_api.db import PrimaryEngine, create_engine, transact
 from usage_api.embedded import EmbeddedPostgres
+from usage_api.keys import create_key
 
 OUT = Path(__file__).with_name("DASHBOARD.md")
 CHROMIUM_ARGS = [

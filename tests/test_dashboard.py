@@ -20,10 +20,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import (
+from tests.support.factories import (
     ADMIN,
     event,
-    free_port,
     make_key,
     make_organization,
     make_partner,
@@ -804,19 +803,14 @@ async def test_ids_with_url_characters_reach_their_views(
     assert 'href="/dashboard/organizations/acme%2Feu%3Fx%3D1%23top%2520?period=7d' in response.text
 
 
-async def test_a_database_away_is_told_in_words(settings: Any) -> None:
-    from usage_api.app import create_app
-
-    app = create_app(settings, f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            response = await sign_in(client, "usk_whatever")
-            assert response.status_code == 503
-            assert response.headers["retry-after"] == "2"
-            assert "cannot reach its database just now" in response.text
-            response = await client.get(
-                "/dashboard/organizations/o1?tz=UTC", headers={"Cookie": "usage_session=token"}
-            )
-            assert response.status_code == 503
-            assert "Temporarily unavailable" in response.text
+async def test_a_database_away_is_told_in_words(unavailable_client: httpx.AsyncClient) -> None:
+    client = unavailable_client
+    response = await sign_in(client, "usk_whatever")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert "cannot reach its database just now" in response.text
+    response = await client.get(
+        "/dashboard/organizations/o1?tz=UTC", headers={"Cookie": "usage_session=token"}
+    )
+    assert response.status_code == 503
+    assert "Temporarily unavailable" in response.text

@@ -14,7 +14,7 @@ import csv
 import io
 import os
 import shutil
-import time
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +27,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, serving
+from tests.support.factories import event, make_key
+from tests.support.servers import LiveServer
 from tests.test_dashboard import (
     BERLIN_WEEK,
     METRICS,
@@ -101,20 +102,13 @@ async def live(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The service on a free port of 127.0.0.1, on the test database."""
     env = {**os.environ, "DATABASE_URL": database_url, "USAGE_API_LOG_LEVEL": "warning"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log_path = tmp_path_factory.mktemp("live") / "stderr.log"
-    async with serving(env, log_path, workers=1) as (process, http):
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.returncode is None, log_path.read_text()
-            try:
-                if (await http.get("/readyz", timeout=1)).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            await asyncio.sleep(0.1)
-        yield http
+    server = LiveServer(env, tmp_path_factory.mktemp("live") / "stderr.log")
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, trust_env=False) as http:
+            yield http
+    finally:
+        await server.stop(signal.SIGTERM)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """dashboard sessions
 
 Revision ID: d4a5b0c7e912
-Revises: 7c1d0e4f9a2b
+Revises: 8c2731505e06
 Create Date: 2026-12-01 08:45:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "d4a5b0c7e912"
-down_revision: str | None = "7c1d0e4f9a2b"
+down_revision: str | None = "8c2731505e06"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

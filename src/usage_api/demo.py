@@ -15,11 +15,12 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usage_api.analytics.rollup import fold_all
-from usage_api.auth import Principal, create_key
+from usage_api.auth import Principal
 from usage_api.dates import utc_now
 from usage_api.db import PrimaryEngine, transact
 from usage_api.directory import put_organization, put_partner, put_user
 from usage_api.ingest import ingest
+from usage_api.keys import create_key
 from usage_api.schemas import (
     Direction,
     EventType,
