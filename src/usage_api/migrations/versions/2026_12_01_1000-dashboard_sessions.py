@@ -2,7 +2,7 @@
 
 Revision ID: d4a5b0c7e912
 Revises: 8c2731505e06
-Create Date: 2026-12-01 08:45:00.000000
+Create Date: 2026-12-01 10:00:00.000000
 """
 
 from collections.abc import Sequence
