@@ -1,32 +1,26 @@
-"""The numbers a view shows, each one an answer of the API's own read (`read_usage`, the
-function behind `GET /v1/analytics/usage`) for the same question, asked with the
-session's key: so the page can never disagree with the API, and sees what the key sees.
-
-The series is cut into local calendar buckets here and each bucket read as a range; a
-partner's figures are its organizations' answers added up; an organization's usage
-without a user is its total less its users'. The API's series, partner totals and
-breakdowns answer these same questions directly; this module is where they plug in.
+"""The numbers a view shows, each one an answer of the API's own reads for the same
+question, asked with the session's key: the series and its totals from `read_series` (what
+`GET /v1/analytics/usage` answers with `granularity`), each table row from `read_usage`
+for its member. So the page can never disagree with the API, and sees what the key sees.
+An organization's usage without a user is its total less its users'.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usage_api.analytics.query import UsageQuery
+from usage_api.analytics.query import UsageQuery, parse_usage_query
+from usage_api.analytics.series import read_series
 from usage_api.analytics.totals import metrics_of, read_usage
 from usage_api.dashboard.filters import FilterError, Filters
 from usage_api.dashboard.tenants import Member, Tenant
 from usage_api.dates import DateRange
 from usage_api.errors import ApiError
 
-MAX_BUCKETS = 1000
-PARALLEL_READS = 4
 ZERO: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
 
 
@@ -44,17 +38,8 @@ def metrics(values: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def _plus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(x + y for x, y in zip(a, b, strict=True))
-
-
 def _minus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x - y for x, y in zip(a, b, strict=True))
-
-
-def _range(start: datetime, end: datetime) -> DateRange:
-    start, end = start.astimezone(UTC), end.astimezone(UTC)
-    return DateRange(start, end, None, None)
 
 
 async def _read(
@@ -95,95 +80,42 @@ class Row:
         return metrics(self.values)
 
 
-def bucket_bounds(filters: Filters) -> list[tuple[datetime, datetime]]:
-    """The local calendar buckets of the period, in order, contiguous, clipped to it."""
-    end = filters.end
-    if filters.granularity == "hour":
-        return _hours(filters)
-    days: list[date] = []
-    day = filters.first_day
-    last = filters.last_day
-    if filters.granularity == "day":
-        _check_count((last - day).days + 1)
-        days = [day + timedelta(days=n) for n in range((last - day).days + 1)]
-    else:
-        while day <= last:
-            days.append(day)
-            if filters.granularity == "week":
-                day += timedelta(days=7 - day.weekday())
-            else:
-                day = date(day.year + day.month // 12, day.month % 12 + 1, 1)
-            _check_count(len(days))
-    edges_local = [filters.local_midnight(d) for d in days] + [end]
-    return list(itertools.pairwise(edges_local))
-
-
-def _hours(filters: Filters) -> list[tuple[datetime, datetime]]:
-    """Local wall-clock hours: each whole hour of the wall clock that exists, the repeated
-    one twice (once per offset); a skipped one is not there."""
-    zone = filters.zone
-    start, end = filters.start.astimezone(UTC), filters.end.astimezone(UTC)
-    _check_count(int((end - start) / timedelta(hours=1)))
-    edges = {start, end}
-    day = filters.first_day
-    while day <= filters.last_day:
-        for hour in range(24):
-            for fold in (0, 1):
-                wall = datetime(day.year, day.month, day.day, hour, tzinfo=zone, fold=fold)
-                at = wall.astimezone(UTC)
-                if start < at < end:
-                    edges.add(at)
-        day += timedelta(days=1)
-    ordered = sorted(edges)
-    _check_count(len(ordered) - 1)
-    return [(a.astimezone(zone), b.astimezone(zone)) for a, b in itertools.pairwise(ordered)]
-
-
-def _check_count(count: int) -> None:
-    if count > MAX_BUCKETS:
-        raise FilterError(
-            "Too many buckets: at most 1000 (use a coarser granularity or a shorter range)."
-        )
-
-
-async def totals(
-    engine: AsyncEngine,
-    key_hash: bytes,
-    tenant: Tenant,
-    members: list[Member],
-    start: datetime,
-    end: datetime,
-) -> tuple[int, ...] | None:
-    """The tenant's usage over `[start, end)`; None when its key no longer sees it."""
-    span = _range(start, end)
-    if tenant.kind != "partner":
-        return await _read(engine, key_hash, tenant.kind, tenant.id, span)
-    total = ZERO
-    for member in members:
-        assert member.id is not None
-        values = await _read(engine, key_hash, "organization", member.id, span)
-        total = _plus(total, values or ZERO)
-    return total
-
-
 async def series(
     engine: AsyncEngine,
     key_hash: bytes,
     tenant: Tenant,
-    members: list[Member],
     filters: Filters,
-) -> list[Bucket]:
-    bounds = bucket_bounds(filters)
-    # A few buckets at a time: the reads are independent, and a handful of connections
-    # keeps the database busy without taking the whole pool from other requests.
-    gate = asyncio.Semaphore(PARALLEL_READS)
-
-    async def bucket(start: datetime, end: datetime) -> Bucket:
-        async with gate:
-            values = await totals(engine, key_hash, tenant, members, start, end)
-        return Bucket(start, end, values or ZERO)
-
-    return list(await asyncio.gather(*(bucket(start, end) for start, end in bounds)))
+) -> tuple[tuple[int, ...], list[Bucket]] | None:
+    """The period's totals and buckets: the API's series answer to the same question
+    (`GET /v1/analytics/usage` with the view's id, local dates, zone and granularity).
+    None when the key no longer sees the tenant."""
+    params = {
+        f"{tenant.kind}_id": tenant.id,
+        "start_date": filters.first_day.isoformat(),
+        "end_date": filters.last_day.isoformat(),
+        "timezone": filters.tz,
+        "granularity": filters.granularity,
+    }
+    try:
+        query = parse_usage_query(params)
+        _, usage = await read_series(engine, key_hash, query)
+    except ApiError as exc:
+        if exc.status == 401:
+            raise KeyGone from None
+        if exc.status == 400:
+            raise FilterError(exc.message[0].upper() + exc.message[1:] + ".") from None
+        raise
+    if usage is None:
+        return None
+    buckets = [
+        Bucket(
+            datetime.fromisoformat(bucket["start"]),
+            datetime.fromisoformat(bucket["end"]),
+            metrics_of(bucket),
+        )
+        for bucket in usage["buckets"]
+    ]
+    return metrics_of(usage), buckets
 
 
 async def breakdown(

@@ -309,26 +309,22 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
     members = await run_autocommit(engine, tenants.members, principal, tenant)
     try:
         filters = parse_filters(params, tz, now)
-        bounds = figures.bucket_bounds(filters)
+        answer = await figures.series(engine, session.key_hash, tenant, filters)
     except FilterError as exc:
         return _page(
             request, "view.html", 400, **base, filters=None, error=str(exc), raw=dict(params)
         )
-    total = await figures.totals(
-        engine, session.key_hash, tenant, members, filters.start, filters.end
-    )
-    if total is None:  # the tenant left the key's scope since it was found
+    if answer is None:  # the tenant left the key's scope since it was found
         return _message(request, 404, f"No such {kind}", "Your key may no longer see it.")
+    total, buckets = answer
     download = params.get("download")
     if download == "series":
-        buckets = await figures.series(engine, session.key_hash, tenant, members, filters)
         return _csv(request, export.series_csv(buckets), tenant, filters, "series")
     rows = await figures.breakdown(engine, session.key_hash, tenant, members, total, filters)
     rows = figures.sorted_rows(rows, filters.sort)
     member_kind = "organization" if kind == "partner" else "user"
     if download == "table" and kind != "user":
         return _csv(request, export.table_csv(member_kind, rows), tenant, filters, "table")
-    buckets = await figures.series(engine, session.key_hash, tenant, members, filters)
     pages = max(1, -(-len(rows) // PAGE_SIZE))
     page = min(filters.page, pages)
     return _page(
@@ -341,7 +337,7 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         total=figures.metrics(total),
         is_empty=not any(total),
         buckets=buckets,
-        bucket_count=len(bounds),
+        bucket_count=len(buckets),
         charts=charts.stacked_charts(buckets, filters.granularity),
         rows=rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
         row_count=len(rows),
