@@ -157,9 +157,8 @@ def _report(rows: list[dict[str, Any]], loads: int) -> str:
         "",
         "Pages are rendered on the server and gzip-compressed; the stylesheet, the script and",
         "the icon are three more requests, cached for an hour. The budget is 150 KB for a",
-        "first load. The series is read one bucket at a time (four at once) through the API's",
-        "range read: a 365-day view is 365 such reads, which the API's own series will make one.",
-        "A shared 2-core machine: compare figures of one run, not across runs.",
+        "first load. The series and its totals are one read of the API's series; each table",
+        "row is one range read. A shared 2-core machine: compare figures of one run only.",
         "",
     ]
     return "\n".join(lines)
