@@ -171,30 +171,34 @@ def main() -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("Chromium is not installed (Debian: apt-get install chromium)")
-    with (
-        tempfile.TemporaryDirectory(prefix="usage-api-bench-") as tmp,
-        EmbeddedPostgres(Path(tmp) / "pgdata", fast=True) as url,
-    ):
-        migrate_to_head(url)
-        key = asyncio.run(_load(url))
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "DATABASE_URL": url, "USAGE_API_LOG_LEVEL": "warning"}
-        server = subprocess.Popen(
-            [Path(sys.executable).with_name("usage-api"), "serve", "--port", str(port)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            _wait_ready(base)
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-                rows = _measure(browser, base, key, args.loads)
-                browser.close()
-        finally:
-            server.terminate()
-            server.wait(20)
-    OUT.write_text(_report(rows, args.loads))
+    with tempfile.TemporaryDirectory(prefix="usage-api-bench-") as tmp:
+        # As root the server runs as another account, which must be able to enter it.
+        os.chmod(tmp, 0o755)
+        with EmbeddedPostgres(Path(tmp) / "pgdata", fast=True) as url:
+            _run(url, chromium, args.loads)
+
+
+def _run(url: str, chromium: str, loads: int) -> None:
+    migrate_to_head(url)
+    key = asyncio.run(_load(url))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DATABASE_URL": url, "USAGE_API_LOG_LEVEL": "warning"}
+    server = subprocess.Popen(
+        [Path(sys.executable).with_name("usage-api"), "serve", "--port", str(port)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(base)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            rows = _measure(browser, base, key, loads)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(20)
+    OUT.write_text(_report(rows, loads))
     print(f"written to {OUT}")
 
 
