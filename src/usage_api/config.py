@@ -65,6 +65,12 @@ class Settings:
     # (the container image turns it off: there, a missing DATABASE_URL is a mistake).
     data_dir: Path
     embedded_database: bool
+    max_head_bytes: int
+    max_header_fields: int
+    head_timeout_s: int
+    body_timeout_s: int
+    keep_alive_timeout_s: int
+    max_connections: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -84,6 +90,12 @@ class Settings:
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             data_dir=_data_dir(),
             embedded_database=_bool("USAGE_API_EMBEDDED_DATABASE", True),
+            max_head_bytes=_int("USAGE_API_MAX_HEAD_BYTES", 16 * 1024, minimum=1024),
+            max_header_fields=_int("USAGE_API_MAX_HEADER_FIELDS", 100, minimum=1),
+            head_timeout_s=_int("USAGE_API_HEAD_TIMEOUT_S", 10, minimum=1),
+            body_timeout_s=_int("USAGE_API_BODY_TIMEOUT_S", 30, minimum=1),
+            keep_alive_timeout_s=_int("USAGE_API_KEEP_ALIVE_TIMEOUT_S", 5, minimum=1),
+            max_connections=_int("USAGE_API_MAX_CONNECTIONS", 1000, minimum=1),
         )
 
 
