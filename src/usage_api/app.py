@@ -13,6 +13,7 @@ from usage_api import errors
 from usage_api.analytics import routes as analytics
 from usage_api.analytics.rollup import run_folder
 from usage_api.config import ConfigError, Settings, get_settings
+from usage_api.dashboard.routes import router as dashboard
 from usage_api.db import Databases
 from usage_api.directory import router as directory
 from usage_api.http import docs, health
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     if settings.docs_enabled:
         app.include_router(docs.router)
         app.mount(docs.ASSETS, docs.assets())
+    app.include_router(dashboard)
     if services.telemetry is not None:
         app.include_router(health.metrics_router)
     return app
