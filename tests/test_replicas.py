@@ -1,0 +1,177 @@
+"""Read replicas against real streaming replication: a hot standby of an embedded primary.
+
+The promise under test (contract 2.2 and 8): once a write has committed, every later read
+includes it, whichever replica it is sent to; a replica that is behind, paused or down
+serves nothing, the primary answers instead, and the replica comes back by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tests.conftest import alembic_config
+from tests.support.replica import Standby, psql, replicated_postgres
+from usage_api.config import Settings
+from usage_api.db import create_engine
+from usage_api.replicas import FENCE_SQL, Fence, Reads, Replica, replica_name
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[str, Standby]]:
+    """A migrated primary and a standby streaming from it, for this module."""
+    with (
+        tempfile.TemporaryDirectory(prefix="usage-api-replicas-") as tmp,
+        replicated_postgres(Path(tmp)) as (primary_url, standby),
+    ):
+        command.upgrade(alembic_config(primary_url), "head")
+        psql(primary_url, "CREATE TABLE replica_probe (n int NOT NULL)")
+        yield primary_url, standby
+
+
+@pytest.fixture
+def standby(pair: tuple[str, Standby]) -> Iterator[Standby]:
+    standby = pair[1]
+    yield standby
+    # Leave it as the next test expects it: running, replaying, caught up.
+    if not standby.running:
+        standby.start()
+    if psql(standby.url, "SELECT pg_get_wal_replay_pause_state()") != "not paused":
+        standby.resume_replay()
+    psql(pair[0], "TRUNCATE replica_probe")
+    standby.catch_up()
+
+
+@pytest.fixture
+async def reads(
+    pair: tuple[str, Standby], settings: Settings, standby: Standby
+) -> AsyncIterator[Reads]:
+    small = replace(settings, pool_size=4)
+    primary = create_engine(small, pair[0])
+    replica = Replica(replica_name(standby.url), create_engine(small, standby.url))
+    reads = Reads(primary, [replica], check_interval_s=0.1, max_backoff_s=0.2)
+    await reads.probe_all()
+    try:
+        yield reads
+    finally:
+        await reads.dispose()
+        await primary.dispose()
+
+
+async def write(reads: Reads, n: int) -> None:
+    async with reads.primary.begin() as conn:
+        await conn.execute(text("INSERT INTO replica_probe VALUES (:n)"), {"n": n})
+
+
+async def until_up(replica: Replica, timeout_s: float = 10.0) -> None:
+    """Wait for the background probes to find `replica` serving again."""
+    for _ in range(int(timeout_s / 0.05)):
+        if replica.serving:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"replica still {replica.state}")
+
+
+COUNT = "SELECT count(*) AS rows FROM replica_probe"
+
+
+async def count_rows(conn: AsyncConnection) -> int:
+    rows: int = await conn.scalar(text(COUNT))
+    return rows
+
+
+async def test_a_caught_up_replica_serves_reads(reads: Reads, standby: Standby) -> None:
+    await write(reads, 1)
+    await asyncio.to_thread(standby.catch_up)
+    assert (await reads.fetch_row(COUNT))["rows"] == 1
+    assert await reads.run(count_rows) == 1
+    assert reads.replicas[0].reads == 2
+    assert reads.fallbacks == {"unavailable": 0, "behind": 0, "failed": 0, "no_fence": 0}
+
+
+async def test_with_replay_paused_a_read_after_a_write_sees_it_on_the_primary(
+    reads: Reads, standby: Standby
+) -> None:
+    await asyncio.to_thread(standby.pause_replay)
+    await write(reads, 1)
+    assert (await reads.fetch_row(COUNT))["rows"] == 1
+    assert await reads.run(count_rows) == 1
+    assert reads.fallbacks["behind"] == 2
+    assert reads.replicas[0].reads == 0
+    # The replica itself does not have the row: it was skipped, not lucky.
+    assert psql(standby.url, "SELECT count(*) FROM replica_probe") == "0"
+
+
+async def test_a_paused_replica_is_reported_and_skipped(reads: Reads, standby: Standby) -> None:
+    await asyncio.to_thread(standby.pause_replay)
+    await reads.probe(reads.replicas[0])
+    assert reads.describe()[0]["state"] == "paused"
+    assert (await reads.fetch_row(COUNT))["rows"] == 0
+    assert reads.fallbacks["unavailable"] == 1
+
+
+async def test_a_stopped_replica_is_skipped_and_used_again_once_restarted(
+    reads: Reads, standby: Standby
+) -> None:
+    watcher = asyncio.create_task(reads.watch())
+    try:
+        await write(reads, 1)
+        await asyncio.to_thread(standby.stop)
+        # The first read finds it gone and reads the primary; the next ones skip it.
+        for _ in range(3):
+            assert (await reads.fetch_row(COUNT))["rows"] == 1
+        assert reads.replicas[0].state == "down"
+        assert reads.fallbacks["failed"] + reads.fallbacks["unavailable"] == 3
+        await asyncio.to_thread(standby.start)
+        await asyncio.to_thread(standby.catch_up)
+        await until_up(reads.replicas[0])
+        assert (await reads.fetch_row(COUNT))["rows"] == 1
+        assert reads.replicas[0].reads == 1
+    finally:
+        watcher.cancel()
+
+
+async def test_a_fence_fetched_before_a_read_began_is_not_used_by_it(
+    reads: Reads, pair: tuple[str, Standby]
+) -> None:
+    """A fetch already answered by the primary, but not yet returned, may predate a
+    write that a read beginning now must see: that read waits for the next fetch."""
+    primary: AsyncEngine = reads.primary
+    answered, release = asyncio.Event(), asyncio.Event()
+    started = 0
+
+    async def slow_fetch() -> int:
+        nonlocal started
+        started += 1
+        async with primary.connect() as conn:
+            position: int = await conn.scalar(text(FENCE_SQL))
+        if started == 1:
+            answered.set()
+            await release.wait()
+        return position
+
+    fence = Fence(slow_fetch)
+    first = asyncio.create_task(fence.position())
+    await answered.wait()
+    await write(reads, 1)
+    async with primary.connect() as conn:
+        after_write: int = await conn.scalar(text(FENCE_SQL))
+    second = asyncio.create_task(fence.position())
+    third = asyncio.create_task(fence.position())
+    await asyncio.sleep(0.01)
+    release.set()
+    positions = await asyncio.gather(first, second, third)
+    assert positions[0] < after_write
+    assert positions[1] == positions[2] >= after_write
+    # The two later readers shared one fetch.
+    assert started == 2
