@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from alembic import command
+from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tests.conftest import alembic_config
+from tests.conftest import TABLES, alembic_config
+from tests.factories import event, make_key, make_organization
 from tests.support.replica import Standby, psql, replicated_postgres
+from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import create_engine
 from usage_api.replicas import FENCE_SQL, Fence, Reads, Replica, replica_name
@@ -175,3 +180,176 @@ async def test_a_fence_fetched_before_a_read_began_is_not_used_by_it(
     assert positions[1] == positions[2] >= after_write
     # The two later readers shared one fetch.
     assert started == 2
+
+
+# Through the API: DATABASE_READ_URLS names the standby.
+
+
+@pytest.fixture
+async def replicated_app(
+    pair: tuple[str, Standby], settings: Settings, standby: Standby
+) -> AsyncIterator[FastAPI]:
+    app = create_app(replace(settings, database_read_urls=(standby.url,)), pair[0])
+    async with app.router.lifespan_context(app):
+        yield app
+    engine = create_engine(settings, pair[0])
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"TRUNCATE {TABLES}"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def http(replicated_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=replicated_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@dataclass
+class Tenant:
+    organization_id: str
+    read_key: str
+    write_key: str
+
+
+@pytest.fixture
+async def tenant(replicated_app: FastAPI, standby: Standby) -> Tenant:
+    primary: AsyncEngine = replicated_app.state.engine
+    organization_id = await make_organization(primary, "Replicated")
+    tenant = Tenant(
+        organization_id,
+        await make_key(primary, "organization", organization_id=organization_id),
+        await make_key(primary, "organization", organization_id=organization_id, write=True),
+    )
+    await asyncio.to_thread(standby.catch_up)
+    return tenant
+
+
+def sms(usage: dict[str, Any]) -> int:
+    total: int = usage["usage"]["sms"]["outbound"]
+    return total
+
+
+async def read(http: httpx.AsyncClient, tenant: Tenant) -> httpx.Response:
+    return await http.get(
+        "/v1/analytics/usage",
+        params={"organization_id": tenant.organization_id},
+        headers={"X-API-Key": tenant.read_key},
+    )
+
+
+async def send(http: httpx.AsyncClient, tenant: Tenant, segments: int) -> httpx.Response:
+    return await http.post(
+        "/v1/usage/events",
+        json={"events": [event(tenant.organization_id, quantity=segments)]},
+        headers={"X-API-Key": tenant.write_key},
+    )
+
+
+def metric(text_: str, name: str, **labels: str) -> float:
+    """One sample of the Prometheus exposition `text_`."""
+    wanted = name + (
+        "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+    )
+    for line in text_.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{wanted} not in /metrics")
+
+
+async def test_reads_go_to_the_replica_and_answer_what_the_primary_would(
+    http: httpx.AsyncClient, tenant: Tenant, standby: Standby
+) -> None:
+    assert (await send(http, tenant, 7)).status_code == 200
+    await asyncio.to_thread(standby.catch_up)
+    response = await read(http, tenant)
+    assert response.status_code == 200
+    assert response.json() == {
+        "success": True,
+        "usage": {
+            "organization_id": tenant.organization_id,
+            "organization_name": "Replicated",
+            "sms": {"outbound": 7, "inbound": 0, "total": 7},
+            "mms": {"outbound": 0, "inbound": 0, "total": 0},
+            "voice": {"seconds": 0, "kb_seconds": 0, "total_seconds": 0},
+            "period": "all_time",
+        },
+        "powered_by": "Teli",
+    }
+    exposition = (await http.get("/metrics")).text
+    name = replica_name(standby.url)
+    assert metric(exposition, "usage_api_replica_reads_total", replica=name) == 1
+    assert metric(exposition, "usage_api_replica_up", replica=name) == 1
+    ready = (await http.get("/readyz")).json()
+    assert ready["replicas"][0] | {"lag_bytes": 0, "lag_seconds": 0} == {
+        "name": name,
+        "state": "up",
+        "lag_bytes": 0,
+        "lag_seconds": 0,
+        "reads": 1,
+    }
+
+
+async def test_with_replay_paused_an_ingested_event_is_read_back_at_once(
+    http: httpx.AsyncClient, tenant: Tenant, standby: Standby
+) -> None:
+    await asyncio.to_thread(standby.pause_replay)
+    assert (await send(http, tenant, 3)).status_code == 200
+    response = await read(http, tenant)
+    assert (response.status_code, sms(response.json())) == (200, 3)
+    exposition = (await http.get("/metrics")).text
+    assert metric(exposition, "usage_api_read_fallbacks_total", reason="behind") == 1
+    assert (
+        metric(exposition, "usage_api_replica_reads_total", replica=replica_name(standby.url)) == 0
+    )
+
+
+async def test_a_replica_stopped_under_load_costs_no_request_and_serves_again_once_back(
+    http: httpx.AsyncClient, tenant: Tenant, standby: Standby, replicated_app: FastAPI
+) -> None:
+    sent = 0  # events whose ingestion has returned 200
+    statuses: list[int] = []
+    stale: list[tuple[int, int]] = []
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            response = await send(http, tenant, 1)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                sent += 1
+
+    async def reader() -> None:
+        while not stop.is_set():
+            at_least = sent
+            response = await read(http, tenant)
+            statuses.append(response.status_code)
+            if response.status_code == 200 and sms(response.json()) < at_least:
+                stale.append((sms(response.json()), at_least))
+
+    load = [asyncio.create_task(writer()), *(asyncio.create_task(reader()) for _ in range(4))]
+    reads: Reads = replicated_app.state.reads
+    await asyncio.sleep(0.5)
+    served_before_stop = reads.replicas[0].reads
+    await asyncio.to_thread(standby.stop)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*load)
+    assert set(statuses) == {200}
+    assert stale == []
+    assert sent > 0
+    assert served_before_stop > 0
+    assert reads.replicas[0].state == "down"
+    ready = (await http.get("/readyz")).json()
+    assert (ready["status"], ready["replicas"][0]["state"]) == ("ready", "down")
+
+    await asyncio.to_thread(standby.start)
+    await asyncio.to_thread(standby.catch_up)
+    await until_up(reads.replicas[0], timeout_s=15)
+    served = reads.replicas[0].reads
+    response = await read(http, tenant)
+    assert (response.status_code, sms(response.json())) == (200, sent)
+    assert reads.replicas[0].reads == served + 1

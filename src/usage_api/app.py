@@ -22,13 +22,14 @@ from usage_api import errors
 from usage_api.auth import CurrentKey, EngineDep, authenticate, presented_hash
 from usage_api.config import Settings, get_settings
 from usage_api.dates import make_range, parse_instant
-from usage_api.db import create_engine, run_autocommit, transact
+from usage_api.db import CONNECT_TIMEOUT_S, create_engine, run_autocommit, transact
 from usage_api.directory import put_organization, put_partner, put_user
 from usage_api.errors import ApiError, bad_request, not_found
 from usage_api.ids import is_valid_id
 from usage_api.ingest import ingest, parse_events
 from usage_api.observability import Metrics, ObservedFastAPI
 from usage_api.ratelimit import RateLimit, RateLimiter
+from usage_api.replicas import Reads, instrument, replicas_of
 from usage_api.rollup import run_folder
 from usage_api.schemas import (
     IngestResponse,
@@ -202,7 +203,20 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         background = create_engine(replace(settings, pool_size=2), url)
         if metrics is not None:
             metrics.bind(engine)
-        tasks = [asyncio.create_task(limiter.run(background))]
+        reads = Reads(
+            engine,
+            replicas_of(
+                settings.database_read_urls, lambda replica: create_engine(settings, replica)
+            ),
+            background=background,
+        )
+        app.state.reads = reads
+        if metrics is not None and reads.replicas:
+            instrument(reads, metrics.registry)
+        # Replicas serve from the first request on, unless one is slow to answer.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reads.probe_all(), CONNECT_TIMEOUT_S)
+        tasks = [asyncio.create_task(limiter.run(background)), asyncio.create_task(reads.watch())]
         if settings.rollup_interval_ms > 0:
             tasks.append(
                 asyncio.create_task(run_folder(background, settings.rollup_interval_ms / 1000))
@@ -216,6 +230,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
                     await task
             if metrics is not None:
                 metrics.unbind()
+            await reads.dispose()
             await engine.dispose()
             await background.dispose()
 
@@ -254,6 +269,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         params = request.query_params
         api_key = request.headers.get("x-api-key")
         engine: AsyncEngine = request.app.state.engine
+        reads: Reads = request.app.state.reads
         key_hash = presented_hash(api_key)
         try:
             query = _usage_query(
@@ -267,7 +283,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
             request.state.key_id = (await authenticate(engine, api_key)).key_id
             raise
         # The key is checked in the same statement as the read: one round trip.
-        key_id, usage = await read_usage(engine, key_hash, query)
+        key_id, usage = await read_usage(reads, key_hash, query)
         request.state.key_id = key_id
         if usage is None:
             raise not_found("user" if query.user_id is not None else "organization")
@@ -371,10 +387,14 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         return {"status": "ok"}
 
     @app.get("/readyz", responses=error_responses(500, 503))
-    async def readyz(engine: EngineDep) -> dict[str, str]:
-        """The database answers."""
+    async def readyz(request: Request, engine: EngineDep) -> dict[str, Any]:
+        """The database answers (and, with read replicas, how each one is doing)."""
         await run_autocommit(engine, _ping)
-        return {"status": "ready"}
+        reads: Reads = request.app.state.reads
+        if not reads.replicas:
+            return {"status": "ready"}
+        # A replica that is down does not make the service unready: the primary serves.
+        return {"status": "ready", "replicas": reads.describe(), "fallbacks": reads.fallbacks}
 
     return app
 

@@ -27,6 +27,11 @@ def _bool(name: str, default: bool) -> bool:
     return raw in {"1", "true", "yes", "on"}
 
 
+def _urls(name: str) -> tuple[str, ...]:
+    """A comma-separated list of URLs; blanks around and between them are ignored."""
+    return tuple(url.strip() for url in os.environ.get(name, "").split(",") if url.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -41,6 +46,8 @@ class Settings:
     docs_enabled: bool
     metrics_enabled: bool
     log_level: str
+    # Streaming replicas of database_url that serve reads (docs/scaling.md).
+    database_read_urls: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,6 +64,7 @@ class Settings:
             docs_enabled=_bool("USAGE_API_DOCS", True),
             metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
+            database_read_urls=_urls("DATABASE_READ_URLS"),
         )
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from usage_api.db import fetch_row, run_autocommit
@@ -199,8 +200,10 @@ class Reads:
         self.fallbacks: dict[FallbackReason, int] = dict.fromkeys(FALLBACK_REASONS, 0)
         self._next = 0
         self._system_id: int | None = None
+        # Metrics hooks (`instrument`).
         self.on_fallback: Callable[[FallbackReason], None] | None = None
         self.on_replica_read: Callable[[Replica], None] | None = None
+        self.on_probe: Callable[[Replica], None] | None = None
 
     async def _fetch_fence(self) -> int:
         position: int = await _fetchval(self.primary, FENCE_SQL)
@@ -334,6 +337,8 @@ class Reads:
         except Exception as exc:
             replica.state = "down"
             replica.lag_bytes = replica.lag_seconds = None
+            if self.on_probe is not None:
+                self.on_probe(replica)
             if before != "down":
                 log.warning("read replica %s is down: %s", replica.name, _first_line(exc))
             return
@@ -358,6 +363,8 @@ class Reads:
             replica.lag_seconds = (
                 max(status["replay_age_s"] or 0.0, 0.0) if replica.lag_bytes > 0 else 0.0
             )
+        if self.on_probe is not None:
+            self.on_probe(replica)
         if replica.state != before:
             level = logging.INFO if replica.state == "up" else logging.WARNING
             log.log(level, "read replica %s is %s", replica.name, replica.state)
@@ -387,6 +394,65 @@ async def _caught_up(info: dict[Any, Any], driver: Any, fence: int) -> bool:
         return False  # not a standby (any more)
     info[_REPLAYED_KEY] = replayed
     return replayed >= fence
+
+
+def instrument(reads: Reads, registry: CollectorRegistry) -> None:
+    """Count reads and fallbacks, and publish each replica's state and lag, in `registry`.
+
+    With several worker processes each one publishes what its own probes see; the scrape
+    keeps the worst: a replica counts as up only if every live worker finds it up.
+    """
+    fallbacks = Counter(
+        "usage_api_read_fallbacks",
+        "Reads answered by the primary although replicas are configured, by reason:"
+        " unavailable (no replica serving), behind (not replayed up to the read's fence),"
+        " failed (the replica failed the read), no_fence (the primary gave no position).",
+        ("reason",),
+        registry=registry,
+    )
+    replica_reads = Counter(
+        "usage_api_replica_reads",
+        "Reads answered by a replica.",
+        ("replica",),
+        registry=registry,
+    )
+    up = Gauge(
+        "usage_api_replica_up",
+        "1 if the replica serves reads (reachable, a standby of the primary, replaying).",
+        ("replica",),
+        multiprocess_mode="livemin",
+        registry=registry,
+    )
+    lag_bytes = Gauge(
+        "usage_api_replica_lag_bytes",
+        "WAL the replica had not replayed at the last probe (-1: unknown).",
+        ("replica",),
+        multiprocess_mode="livemax",
+        registry=registry,
+    )
+    lag_seconds = Gauge(
+        "usage_api_replica_lag_seconds",
+        "Age of the last replayed commit while WAL is left to replay, else 0 (-1: unknown).",
+        ("replica",),
+        multiprocess_mode="livemax",
+        registry=registry,
+    )
+    for reason in FALLBACK_REASONS:
+        fallbacks.labels(reason)
+    for replica in reads.replicas:
+        replica_reads.labels(replica.name)
+
+    def probed(replica: Replica) -> None:
+        up.labels(replica.name).set(1 if replica.serving else 0)
+        unknown = replica.lag_bytes is None or replica.lag_seconds is None
+        lag_bytes.labels(replica.name).set(-1 if unknown else replica.lag_bytes or 0)
+        lag_seconds.labels(replica.name).set(-1 if unknown else replica.lag_seconds or 0)
+
+    for replica in reads.replicas:
+        probed(replica)
+    reads.on_probe = probed
+    reads.on_fallback = lambda reason: fallbacks.labels(reason).inc()
+    reads.on_replica_read = lambda replica: replica_reads.labels(replica.name).inc()
 
 
 def replicas_of(urls: Iterable[str], create: Callable[[str], AsyncEngine]) -> list[Replica]:

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.auth import KEY_LOOKUP, VISIBLE_TO_KEY, invalid_key
 from usage_api.dates import DateRange
-from usage_api.db import fetch_row
 from usage_api.models import METRICS
+from usage_api.replicas import Reads
 from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS, METRIC_SUMS
 
 HOUR = timedelta(hours=1)
@@ -182,7 +180,7 @@ def metrics_of(usage: dict[str, Any]) -> tuple[int, ...]:
 
 
 async def read_usage(
-    engine: AsyncEngine, key_hash: bytes, query: UsageQuery
+    reads: Reads, key_hash: bytes, query: UsageQuery
 ) -> tuple[str, dict[str, Any] | None]:
     """The id of the caller's key, and the `usage` object in the contract's key order
     (None when the organization or user is unknown or outside the key's scope)."""
@@ -195,7 +193,7 @@ async def read_usage(
     if query.span is not None:
         params.update(range_params(query.span))
     statement = _STATEMENTS[kind, query.span is not None]
-    row = await fetch_row(engine, statement.sql, *(params[n] for n in statement.names))
+    row = await reads.fetch_row(statement.sql, *(params[n] for n in statement.names))
     if row is None:
         raise invalid_key()
     if row["id"] is None:
