@@ -353,3 +353,22 @@ async def test_a_replica_stopped_under_load_costs_no_request_and_serves_again_on
     response = await read(http, tenant)
     assert (response.status_code, sms(response.json())) == (200, sent)
     assert reads.replicas[0].reads == served + 1
+
+
+async def test_a_url_that_is_no_standby_of_the_primary_never_serves(
+    pair: tuple[str, Standby], settings: Settings, database_url: str
+) -> None:
+    """The primary itself, or a server of another cluster (the suite's own database),
+    named as a replica by mistake: both are skipped, whatever their WAL position."""
+    primary = create_engine(settings, pair[0])
+    itself = Replica("itself", create_engine(settings, pair[0]))
+    stranger = Replica("stranger", create_engine(settings, database_url))
+    reads = Reads(primary, [itself, stranger])
+    try:
+        await reads.probe_all()
+        assert [r["state"] for r in reads.describe()] == ["not_standby", "other_cluster"]
+        assert (await reads.fetch_row("SELECT 1 AS one"))["one"] == 1
+        assert reads.fallbacks["unavailable"] == 1
+    finally:
+        await reads.dispose()
+        await primary.dispose()

@@ -209,6 +209,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
                 settings.database_read_urls, lambda replica: create_engine(settings, replica)
             ),
             background=background,
+            wait_s=settings.replica_wait_ms / 1000,
         )
         app.state.reads = reads
         if metrics is not None and reads.replicas:

@@ -48,6 +48,8 @@ class Settings:
     log_level: str
     # Streaming replicas of database_url that serve reads (docs/scaling.md).
     database_read_urls: tuple[str, ...] = ()
+    # How long a read waits for a replica to catch up before the primary answers it.
+    replica_wait_ms: int = 10
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -65,6 +67,7 @@ class Settings:
             metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
             database_read_urls=_urls("DATABASE_READ_URLS"),
+            replica_wait_ms=_int("USAGE_API_REPLICA_WAIT_MS", 10),
         )
 
 

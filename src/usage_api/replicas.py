@@ -69,6 +69,11 @@ SELECT pg_is_in_recovery() AS standby,
 """
 _SYSTEM_ID_SQL = "SELECT system_identifier FROM pg_control_system()"
 
+# How long a read may wait for a replica to replay up to its fence before the primary
+# answers instead (a replica is normally a millisecond or two behind a fresh commit).
+WAIT_S = 0.01
+_FIRST_WAIT_S = 0.001
+
 # How often a healthy replica is probed, and how far probes of a down one back off.
 CHECK_INTERVAL_S = 1.0
 FIRST_RETRY_S = 0.25
@@ -79,12 +84,13 @@ MAX_BACKOFF_S = 10.0
 _REPLAYED_KEY = "usage_api.replayed"
 
 
-async def _fetchval(engine: AsyncEngine, statement: str, *args: Any) -> Any:
-    """One value from one statement, raw asyncpg errors and all (no 503 translation)."""
+async def _fetch(engine: AsyncEngine, statement: str, *, row: bool = False) -> Any:
+    """One value (or row) of one statement, errors as the driver raised them: unlike
+    `db.fetch_row` an unreachable server is not a 503 here, only a fact to act on."""
     pooled = await engine.raw_connection()
     driver: Any = pooled.driver_connection  # asyncpg's Connection
     try:
-        value = await driver.fetchval(statement, *args)
+        value = await (driver.fetchrow(statement) if row else driver.fetchval(statement))
     except BaseException as exc:
         pooled.invalidate(exc if isinstance(exc, Exception) else None)
         raise
@@ -140,6 +146,10 @@ class Replica:
     lag_seconds: float | None = None
     reads: int = 0
     checked_at: float | None = None
+    # False once it failed to catch up within a read's wait: the next reads do not wait
+    # for it (a replica far behind would cost each of them the whole wait) until one
+    # finds it caught up.
+    keeps_up: bool = True
     _retry_s: float = FIRST_RETRY_S
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -187,6 +197,7 @@ class Reads:
         replicas: Sequence[Replica] = (),
         *,
         background: AsyncEngine | None = None,
+        wait_s: float = WAIT_S,
         check_interval_s: float = CHECK_INTERVAL_S,
         max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
@@ -194,6 +205,7 @@ class Reads:
         self.replicas = list(replicas)
         # Probes use the background pool: they never wait behind requests for a connection.
         self._probe_primary = background or primary
+        self._wait_s = wait_s
         self._check_interval_s = check_interval_s
         self._max_backoff_s = max_backoff_s
         self.fence = Fence(self._fetch_fence)
@@ -206,7 +218,7 @@ class Reads:
         self.on_probe: Callable[[Replica], None] | None = None
 
     async def _fetch_fence(self) -> int:
-        position: int = await _fetchval(self.primary, FENCE_SQL)
+        position: int = await _fetch(self.primary, FENCE_SQL)
         return position
 
     # The read path
@@ -214,11 +226,11 @@ class Reads:
     async def fetch_row(self, statement: str, *args: Any) -> Any:
         """`db.fetch_row` on a replica that has caught up, else on the primary."""
 
-        async def on_replica(replica: Replica, fence: int) -> Any:
+        async def on_replica(replica: Replica, fence: int, wait_s: float) -> Any:
             pooled = await replica.engine.raw_connection()
             driver: Any = pooled.driver_connection
             try:
-                if not await _caught_up(pooled.info, driver, fence):
+                if not await _caught_up(pooled.info, driver, fence, wait_s):
                     pooled.close()
                     return _BEHIND
                 row = await driver.fetchrow(statement, *args)
@@ -241,11 +253,11 @@ class Reads:
     ) -> T:
         """`db.run_autocommit` on a replica that has caught up, else on the primary."""
 
-        async def on_replica(replica: Replica, fence: int) -> Any:
+        async def on_replica(replica: Replica, fence: int, wait_s: float) -> Any:
             async with replica.engine.connect() as conn:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
                 pooled = await conn.get_raw_connection()
-                if not await _caught_up(pooled.info, pooled.driver_connection, fence):
+                if not await _caught_up(pooled.info, pooled.driver_connection, fence, wait_s):
                     return _BEHIND
                 return await work(conn, *args, **kwargs)
 
@@ -257,7 +269,7 @@ class Reads:
 
     async def _route(
         self,
-        on_replica: Callable[[Replica, int], Awaitable[Any]],
+        on_replica: Callable[[Replica, int, float], Awaitable[Any]],
         on_primary: Callable[[], Awaitable[Any]],
     ) -> Any:
         if not self.replicas:
@@ -272,7 +284,7 @@ class Reads:
             # primary's own answer (a 503 if it is away) is the honest one.
             return await self._fall_back("no_fence", on_primary)
         try:
-            result = await on_replica(replica, fence)
+            result = await on_replica(replica, fence, self._wait_s if replica.keeps_up else 0.0)
         except ApiError:
             raise
         except Exception as exc:
@@ -283,7 +295,9 @@ class Reads:
                 log.info("read on replica %s failed, reading the primary: %s", replica.name, exc)
             return await self._fall_back("failed", on_primary)
         if result is _BEHIND:
+            replica.keeps_up = False
             return await self._fall_back("behind", on_primary)
+        replica.keeps_up = True
         replica.reads += 1
         if self.on_replica_read is not None:
             self.on_replica_read(replica)
@@ -331,9 +345,9 @@ class Reads:
         before = replica.state
         try:
             if self._system_id is None:
-                self._system_id = await _fetchval(self._probe_primary, _SYSTEM_ID_SQL)
-            status = await fetch_row(replica.engine, _PROBE_SQL)
-            primary_at: int = await _fetchval(self._probe_primary, FENCE_SQL)
+                self._system_id = await _fetch(self._probe_primary, _SYSTEM_ID_SQL)
+            status = await _fetch(replica.engine, _PROBE_SQL, row=True)
+            primary_at: int = await _fetch(self._probe_primary, FENCE_SQL)
         except Exception as exc:
             replica.state = "down"
             replica.lag_bytes = replica.lag_seconds = None
@@ -384,16 +398,26 @@ class _Behind:
 _BEHIND: Any = _Behind()
 
 
-async def _caught_up(info: dict[Any, Any], driver: Any, fence: int) -> bool:
-    """Whether this replica connection's server has replayed up to `fence`."""
+async def _caught_up(info: dict[Any, Any], driver: Any, fence: int, wait_s: float) -> bool:
+    """Whether this replica connection's server has replayed up to `fence`, waiting up
+    to `wait_s` for it (checking again after 1, 2, 4... ms)."""
     seen: int | None = info.get(_REPLAYED_KEY)
     if seen is not None and seen >= fence:
         return True
-    replayed: int | None = await driver.fetchval(_REPLAYED_SQL)
-    if replayed is None:
-        return False  # not a standby (any more)
-    info[_REPLAYED_KEY] = replayed
-    return replayed >= fence
+    deadline = time.monotonic() + wait_s
+    pause = _FIRST_WAIT_S
+    while True:
+        replayed: int | None = await driver.fetchval(_REPLAYED_SQL)
+        if replayed is None:
+            return False  # not a standby (any more)
+        info[_REPLAYED_KEY] = replayed
+        if replayed >= fence:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(pause, left))
+        pause *= 2
 
 
 def instrument(reads: Reads, registry: CollectorRegistry) -> None:

@@ -65,17 +65,18 @@ def free_port() -> int:
 class Standby:
     """A hot standby streaming from a primary, started and stopped by the test process."""
 
-    def __init__(self, primary_url: str, data_dir: Path) -> None:
+    def __init__(self, primary_url: str, data_dir: Path, *, fast: bool = True) -> None:
         self.primary_url = primary_url
         self.data_dir = data_dir
         self.port = free_port()
-        self.server = EmbeddedPostgres(data_dir, port=self.port, fast=True)
+        self.server = EmbeddedPostgres(data_dir, port=self.port, fast=fast)
         self.url = f"postgresql://postgres@{_HOST}:{self.port}/{DATABASE_NAME}"
 
     @classmethod
-    def of(cls, primary_url: str, data_dir: Path) -> Standby:
-        """A new standby of `primary_url` in `data_dir` (which must not exist), running."""
-        standby = cls(primary_url, data_dir)
+    def of(cls, primary_url: str, data_dir: Path, *, fast: bool = True) -> Standby:
+        """A new standby of `primary_url` in `data_dir` (which must not exist), running;
+        `fast` as for `EmbeddedPostgres`."""
+        standby = cls(primary_url, data_dir, fast=fast)
         standby.base_backup()
         standby.start()
         return standby
@@ -149,10 +150,10 @@ class Standby:
 
 
 @contextlib.contextmanager
-def replicated_postgres(directory: Path) -> Iterator[tuple[str, Standby]]:
+def replicated_postgres(directory: Path, *, fast: bool = True) -> Iterator[tuple[str, Standby]]:
     """A fresh embedded primary and one hot standby of it: `(primary_url, standby)`."""
-    with EmbeddedPostgres(directory / "primary", fast=True) as primary_url:
-        standby = Standby.of(primary_url, directory / "standby")
+    with EmbeddedPostgres(directory / "primary", fast=fast) as primary_url:
+        standby = Standby.of(primary_url, directory / "standby", fast=fast)
         try:
             yield primary_url, standby
         finally:
