@@ -8,6 +8,8 @@ serves nothing, the primary answers instead, and the replica comes back by itsel
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -22,11 +24,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tests.conftest import TABLES, alembic_config
-from tests.factories import event, make_key, make_organization
+from tests.factories import event, make_key, make_organization, serving
 from tests.support.replica import Standby, psql, replicated_postgres
 from usage_api.app import create_app
+from usage_api.auth import hash_key
 from usage_api.config import Settings
-from usage_api.db import create_engine
+from usage_api.db import create_engine, transact
 from usage_api.replicas import FENCE_SQL, Fence, Reads, Replica, replica_name
 
 pytestmark = pytest.mark.slow
@@ -372,3 +375,81 @@ async def test_a_url_that_is_no_standby_of_the_primary_never_serves(
     finally:
         await reads.dispose()
         await primary.dispose()
+
+
+async def test_a_key_revoked_before_a_read_is_refused_though_the_replica_lags(
+    http: httpx.AsyncClient, tenant: Tenant, standby: Standby, replicated_app: FastAPI
+) -> None:
+    await asyncio.to_thread(standby.pause_replay)
+
+    async def revoke_read_key(conn: AsyncConnection) -> None:
+        await conn.execute(
+            text("UPDATE api_keys SET revoked_at = now() WHERE key_hash = :h"),
+            {"h": hash_key(tenant.read_key)},
+        )
+
+    await transact(replicated_app.state.engine, revoke_read_key)
+    response = await read(http, tenant)
+    assert (response.status_code, response.json()) == (
+        401,
+        {"success": False, "error": "invalid API key"},
+    )
+
+
+async def test_serve_with_workers_reads_every_ingested_event_with_replay_paused(
+    pair: tuple[str, Standby], standby: Standby, settings: Settings, tmp_path: Path
+) -> None:
+    """Two worker processes, a connection per request: whichever worker ingested, the
+    other's read includes it, and the fallbacks of both are summed in /metrics."""
+    primary = create_engine(settings, pair[0])
+    try:
+        organization_id = await make_organization(primary, "Served")
+        read_key = await make_key(primary, "organization", organization_id=organization_id)
+        write_key = await make_key(
+            primary, "organization", organization_id=organization_id, write=True
+        )
+    finally:
+        await primary.dispose()
+    await asyncio.to_thread(standby.catch_up)
+    env = {
+        **os.environ,
+        "DATABASE_URL": pair[0],
+        "DATABASE_READ_URLS": standby.url,
+        "TMPDIR": str(tmp_path),
+        "USAGE_API_POOL_SIZE": "3",
+        "USAGE_API_ROLLUP_INTERVAL_MS": "0",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log_path = tmp_path / "stderr.log"
+    async with serving(env, log_path) as (process, client):
+        for _ in range(600):
+            assert process.returncode is None, log_path.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                ready = (await client.get("/readyz", timeout=1)).json()
+                if ready["replicas"][0]["state"] == "up":
+                    break
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(standby.pause_replay)
+        for segments in range(1, 11):
+            sent = await client.post(
+                "/v1/usage/events",
+                json={"events": [event(organization_id, quantity=segments)]},
+                headers={"X-API-Key": write_key},
+            )
+            assert sent.status_code == 200
+            response = await client.get(
+                "/v1/analytics/usage",
+                params={"organization_id": organization_id},
+                headers={"X-API-Key": read_key},
+            )
+            assert response.status_code == 200
+            assert sms(response.json()) == segments * (segments + 1) // 2
+        exposition = (await client.get("/metrics")).text
+        # Each read fell back: behind the fence while the probes still saw it replaying,
+        # unavailable once a probe found replay paused.
+        fell_back = sum(
+            metric(exposition, "usage_api_read_fallbacks_total", reason=reason)
+            for reason in ("behind", "unavailable")
+        )
+        assert fell_back == 10
+    psql(pair[0], f"TRUNCATE {TABLES}")
