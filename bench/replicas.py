@@ -30,10 +30,10 @@ from tests.conftest import alembic_config
 from tests.factories import event, make_key, make_organization
 from tests.support.replica import Standby, psql, replicated_postgres
 
+from usage_api.analytics.rollup import fold_all
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.replicas import Fence, Reads
-from usage_api.rollup import fold_all
 
 YEAR = datetime(2025, 1, 1, tzinfo=UTC)
 RANGE = {"start_date": "2025-01-01T10:17:00Z", "end_date": "2025-12-31T15:43:00Z"}
@@ -119,8 +119,8 @@ async def run(
     ):
         # For comparison only: reads on the replica with no fence at all (they could be
         # stale), to tell the fence's cost from the replica server's own speed.
-        unfenced.state.reads.fence = Fence(no_fence)
-        engine = alone.state.engine
+        unfenced.state.services.databases.read.fence = Fence(no_fence)
+        engine = alone.state.services.databases.primary
         organization_id = await make_organization(engine, "Bench")
         read_key = await make_key(engine, "organization", organization_id=organization_id)
         write_key = await make_key(
@@ -129,7 +129,7 @@ async def run(
         await load_dataset(on_primary, organization_id, write_key, 5_000 if args.quick else 50_000)
         await fold_all(engine)
         await asyncio.to_thread(standby.catch_up)
-        reads: Reads = replicated.state.reads
+        reads: Reads = replicated.state.services.databases.read
         headers = {"X-API-Key": read_key}
 
         def counter(http: httpx.AsyncClient) -> Callable[[], Awaitable[httpx.Response]]:
@@ -199,7 +199,10 @@ async def run(
                 on_replica,
                 reads,
             ),
-            "via the replica, not waiting": (on_replica_no_wait, impatient.state.reads),
+            "via the replica, not waiting": (
+                on_replica_no_wait,
+                impatient.state.services.databases.read,
+            ),
         }
         before = {
             name: (r.replicas[0].reads, r.fallbacks["behind"]) for name, (_, r) in apps.items() if r

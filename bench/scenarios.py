@@ -25,8 +25,8 @@ import httpx
 from bench.dataset import Organization, Params, event_sums, verify_counters
 from bench.loadgen import percentile
 from bench.servers import CpuMeter, RunningServer, load, log
+from usage_api.analytics.totals import metrics_of
 from usage_api.models import METRICS
-from usage_api.usage import metrics_of
 
 SPANS = (
     ("1 hour", timedelta(hours=1)),

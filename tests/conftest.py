@@ -71,7 +71,7 @@ async def app(database_url: str, settings: Settings) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 def engine(app: FastAPI) -> AsyncEngine:
-    engine: AsyncEngine = app.state.engine
+    engine: AsyncEngine = app.state.services.databases.primary
     return engine
 
 

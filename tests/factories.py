@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usage_api.auth import Principal, Scope, create_key
+from usage_api.auth import KeyScope, Principal, create_key
 from usage_api.db import transact
 from usage_api.directory import put_organization, put_partner, put_user
 from usage_api.ids import new_id
@@ -65,7 +65,7 @@ async def make_user(
 
 async def make_key(
     engine: AsyncEngine,
-    scope: Scope = "admin",
+    scope: KeyScope = "admin",
     *,
     partner_id: str | None = None,
     organization_id: str | None = None,

@@ -30,6 +30,10 @@ from usage_api.db import transact
 
 USAGE = "/v1/analytics/usage"
 ORGANIZATION_NOT_FOUND = b'{"success":false,"error":"organization not found"}'
+START_DATE_MALFORMED = (
+    b'{"success":false,"error":"start_date must be an ISO 8601 date or date-time,'
+    b' e.g. 2026-02-10T00:00:00Z"}'
+)
 USER_NOT_FOUND = b'{"success":false,"error":"user not found"}'
 INVALID_KEY = b'{"success":false,"error":"invalid API key"}'
 
@@ -73,6 +77,9 @@ async def test_key_is_not_logged(
     with caplog.at_level(logging.DEBUG):
         await client.get(USAGE, params={"organization_id": "x"}, headers={"X-API-Key": key})
         await client.get(USAGE, params={"organization_id": "x"}, headers={"X-API-Key": key + "x"})
+    # Both requests were logged (so the check below looks at something), neither key was.
+    access = [r for r in caplog.records if r.name == "usage_api.access"]
+    assert [(r.status, r.key_id is not None) for r in access] == [(404, True), (401, False)]
     assert key not in caplog.text
 
 
@@ -202,12 +209,16 @@ async def test_out_of_scope_dates_are_still_checked_first(
     client: httpx.AsyncClient, world: World
 ) -> None:
     """Checking dates before the lookup means a bad date says nothing about the id either."""
-    response = await client.get(
-        USAGE,
-        params={"organization_id": world.ids["B"], "start_date": "x"},
-        headers={"X-API-Key": world.keys["partner P1"]},
-    )
-    assert response.status_code == 400
+    answers = [
+        await client.get(
+            USAGE,
+            params={"organization_id": organization_id, "start_date": "x"},
+            headers={"X-API-Key": world.keys["partner P1"]},
+        )
+        for organization_id in (world.ids["B"], "no-such-organization")
+    ]
+    out_of_scope, unknown = ((r.status_code, r.content) for r in answers)
+    assert out_of_scope == unknown == (400, START_DATE_MALFORMED)
 
 
 # Permissions: read keys read, write keys also write.
@@ -254,7 +265,10 @@ async def test_write_key_also_reads(
     response = await client.get(
         USAGE, params={"organization_id": world.ids["A"]}, headers={"X-API-Key": key}
     )
-    assert response.status_code == 200
+    assert (response.status_code, response.json()["usage"]["organization_id"]) == (
+        200,
+        world.ids["A"],
+    )
 
 
 @pytest.mark.parametrize("target", ["B", "C", "no-such-organization"])

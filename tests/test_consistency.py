@@ -24,12 +24,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tests.factories import ADMIN, event, make_key, make_organization, make_user
-from usage_api import rollup
+from usage_api.analytics import rollup
+from usage_api.analytics.totals import metrics_of
 from usage_api.config import Settings
 from usage_api.dates import utc_now
 from usage_api.db import create_engine, transact
 from usage_api.ingest import ingest, parse_events
-from usage_api.usage import metrics_of
 
 # (organization_id, user_id): user_id "" is the organization as a whole, every user included.
 Key = tuple[str, str]

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.factories import event, free_port, make_key, make_organization, make_user
 from tests.test_consistency import api_totals, assert_snapshot_consistent, log_totals, sent_totals
-from usage_api import rollup
+from usage_api.analytics import rollup
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 6

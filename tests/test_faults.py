@@ -60,12 +60,12 @@ from tests.test_consistency import (
 )
 from tests.test_crash import Server
 from usage_api import db
+from usage_api.analytics.totals import metrics_of
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import create_engine
 from usage_api.embedded import EmbeddedPostgres
 from usage_api.errors import is_unavailable
-from usage_api.usage import metrics_of
 
 UNAVAILABLE = {"success": False, "error": "service temporarily unavailable"}
 # A client gives up after this long: an answer that needs it is a hang.
@@ -694,7 +694,7 @@ async def test_a_restart_while_idle_costs_no_request(database: Database) -> None
             return [a.status_code for a in answers]
 
         assert await burst() == [200] * 10
-        assert app.state.engine.pool.checkedin() == 10
+        assert app.state.services.databases.primary.pool.checkedin() == 10
         for how in ("stop", "kill"):
             await asyncio.to_thread(database.kill if how == "kill" else database.stop)
             await asyncio.to_thread(database.start)

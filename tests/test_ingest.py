@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -285,23 +285,29 @@ async def test_ids_are_any_1_to_255_visible_ascii_characters(
 
 
 @pytest.mark.parametrize(
-    "occurred_at",
+    ("occurred_at", "stored_at"),
     [
-        "2026-02-10T12:00Z",
-        "2026-02-10T12:00:00",
-        "2026-02-10T12:00:00.123456789Z",
-        "2026-02-10T12:00:00-08:00",
-        "2026-02-10T12:00:00+05:30",
+        ("2026-02-10T12:00Z", datetime(2026, 2, 10, 12, tzinfo=UTC)),
+        ("2026-02-10T12:00:00", datetime(2026, 2, 10, 12, tzinfo=UTC)),
+        ("2026-02-10T12:00:00.123456789Z", datetime(2026, 2, 10, 12, 0, 0, 123456, tzinfo=UTC)),
+        ("2026-02-10T12:00:00-08:00", datetime(2026, 2, 10, 20, tzinfo=UTC)),
+        ("2026-02-10T12:00:00+05:30", datetime(2026, 2, 10, 6, 30, tzinfo=UTC)),
     ],
 )
 async def test_occurred_at_takes_any_iso_8601_date_time(
-    client: httpx.AsyncClient, world: World, occurred_at: str
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    world: World,
+    occurred_at: str,
+    stored_at: datetime,
 ) -> None:
     response = await post(
         client, world.key, [event(world.organization_id, occurred_at=occurred_at)]
     )
 
     assert response.json() == ok(1)
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SELECT occurred_at FROM usage_events")) == stored_at
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.factories import event, make_key, make_organization, serving
 from usage_api.app import create_app
-from usage_api.auth import CurrentKey, Scope, create_key
+from usage_api.auth import KeyScope, create_key
 from usage_api.config import Settings
 from usage_api.db import transact
+from usage_api.http.deps import CurrentKey
 from usage_api.logs import JsonFormatter
 
 USAGE = "/v1/analytics/usage"
@@ -70,7 +71,7 @@ def logs() -> Iterator[JsonLines]:
         logger.setLevel(level)
 
 
-async def key_and_id(engine: AsyncEngine, scope: Scope = "admin", write: bool = False) -> Any:
+async def key_and_id(engine: AsyncEngine, scope: KeyScope = "admin", write: bool = False) -> Any:
     """`(key, key_id)` of a new key."""
 
     async def work(conn: Any) -> tuple[str, str]:

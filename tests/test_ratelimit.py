@@ -59,7 +59,7 @@ class Replica:
 
     @property
     def engine(self) -> AsyncEngine:
-        engine: AsyncEngine = self.app.state.engine
+        engine: AsyncEngine = self.app.state.services.databases.primary
         return engine
 
     async def organization_and_key(self) -> tuple[str, str]:
@@ -67,7 +67,7 @@ class Replica:
         return await make_organization(self.engine), await make_key(self.engine)
 
     async def sync(self) -> None:
-        await self.app.state.limiter.sync(self.engine)
+        await self.app.state.services.limiter.sync(self.engine)
 
 
 @contextlib.asynccontextmanager
@@ -82,7 +82,7 @@ async def replica(
     }
     app = create_app(replace(settings, **options), database_url)
     if clock is not None:
-        app.state.limiter.clock = clock
+        app.state.services.limiter.clock = clock
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

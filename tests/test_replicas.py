@@ -29,7 +29,7 @@ from tests.support.replica import Standby, psql, replicated_postgres
 from usage_api.app import create_app
 from usage_api.auth import hash_key
 from usage_api.config import Settings
-from usage_api.db import create_engine, transact
+from usage_api.db import PrimaryEngine, ReadEngine, create_engine, transact
 from usage_api.replicas import FENCE_SQL, Fence, Reads, Replica, replica_name
 
 pytestmark = pytest.mark.slow
@@ -65,8 +65,8 @@ async def reads(
     pair: tuple[str, Standby], settings: Settings, standby: Standby
 ) -> AsyncIterator[Reads]:
     small = replace(settings, pool_size=4)
-    primary = create_engine(small, pair[0])
-    replica = Replica(replica_name(standby.url), create_engine(small, standby.url))
+    primary = PrimaryEngine(create_engine(small, pair[0]))
+    replica = Replica(replica_name(standby.url), ReadEngine(create_engine(small, standby.url)))
     reads = Reads(primary, [replica], check_interval_s=0.1, max_backoff_s=0.2)
     await reads.probe_all()
     try:
@@ -219,7 +219,7 @@ class Tenant:
 
 @pytest.fixture
 async def tenant(replicated_app: FastAPI, standby: Standby) -> Tenant:
-    primary: AsyncEngine = replicated_app.state.engine
+    primary: AsyncEngine = replicated_app.state.services.databases.primary
     organization_id = await make_organization(primary, "Replicated")
     tenant = Tenant(
         organization_id,
@@ -334,7 +334,7 @@ async def test_a_replica_stopped_under_load_costs_no_request_and_serves_again_on
                 stale.append((sms(response.json()), at_least))
 
     load = [asyncio.create_task(writer()), *(asyncio.create_task(reader()) for _ in range(4))]
-    reads: Reads = replicated_app.state.reads
+    reads: Reads = replicated_app.state.services.databases.read
     await asyncio.sleep(0.5)
     served_before_stop = reads.replicas[0].reads
     await asyncio.to_thread(standby.stop)
@@ -363,9 +363,9 @@ async def test_a_url_that_is_no_standby_of_the_primary_never_serves(
 ) -> None:
     """The primary itself, or a server of another cluster (the suite's own database),
     named as a replica by mistake: both are skipped, whatever their WAL position."""
-    primary = create_engine(settings, pair[0])
-    itself = Replica("itself", create_engine(settings, pair[0]))
-    stranger = Replica("stranger", create_engine(settings, database_url))
+    primary = PrimaryEngine(create_engine(settings, pair[0]))
+    itself = Replica("itself", ReadEngine(create_engine(settings, pair[0])))
+    stranger = Replica("stranger", ReadEngine(create_engine(settings, database_url)))
     reads = Reads(primary, [itself, stranger])
     try:
         await reads.probe_all()
@@ -388,7 +388,7 @@ async def test_a_key_revoked_before_a_read_is_refused_though_the_replica_lags(
             {"h": hash_key(tenant.read_key)},
         )
 
-    await transact(replicated_app.state.engine, revoke_read_key)
+    await transact(replicated_app.state.services.databases.primary, revoke_read_key)
     response = await read(http, tenant)
     assert (response.status_code, response.json()) == (
         401,

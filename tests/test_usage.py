@@ -28,7 +28,8 @@ from tests.factories import (
     make_organization,
     make_user,
 )
-from usage_api import demo, rollup
+from usage_api import demo
+from usage_api.analytics import rollup
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import transact

@@ -11,19 +11,18 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from usage_api.db import run_autocommit
 from usage_api.errors import ApiError
 from usage_api.ids import new_id
+from usage_api.sql import KEY_LOOKUP
 
 KEY_PREFIX = "usk_"
-Scope = Literal["admin", "partner", "organization"]
+KeyScope = Literal["admin", "partner", "organization"]
 
 
 def hash_key(key: str) -> bytes:
@@ -41,26 +40,18 @@ def presented_hash(key: str | None) -> bytes:
     return hash_key(key)
 
 
-# The condition every query of tenant data puts on its organizations row `o`: as bound
-# parameters (`Principal.scope_params`), or as the columns of a key row `k` in the query.
-VISIBLE_ORGANIZATION = (
-    "(:scope = 'admin' OR o.partner_id = :scope_partner_id OR o.id = :scope_organization_id)"
-)
-VISIBLE_TO_KEY = "(k.scope = 'admin' OR o.partner_id = k.partner_id OR o.id = k.organization_id)"
-
-
 @dataclass(frozen=True)
 class Principal:
     """The caller, as its key describes it."""
 
     key_id: str
-    scope: Scope
+    scope: KeyScope
     partner_id: str | None
     organization_id: str | None
     can_write: bool
 
     def scope_params(self) -> dict[str, Any]:
-        """Parameters of `VISIBLE_ORGANIZATION`; ids this scope lacks are NULL and never match."""
+        """Parameters of `sql.visible_organization`; ids this scope lacks are NULL."""
         return {
             "scope": self.scope,
             "scope_partner_id": self.partner_id,
@@ -76,12 +67,6 @@ class Principal:
             raise ApiError(403, "API key does not have admin scope")
 
 
-# The live key with a given hash; other statements embed it as `k` (see usage.py).
-KEY_LOOKUP = (
-    "SELECT id, scope, partner_id, organization_id, can_write FROM api_keys"
-    " WHERE key_hash = :key_hash AND revoked_at IS NULL"
-    " AND (expires_at IS NULL OR expires_at > now())"
-)
 _LOOKUP = text(KEY_LOOKUP)
 
 
@@ -94,39 +79,6 @@ async def authenticate(engine: AsyncEngine, key: str | None) -> Principal:
     if row is None:
         raise invalid_key()
     return Principal(row.id, row.scope, row.partner_id, row.organization_id, row.can_write)
-
-
-async def get_engine(request: Request) -> AsyncEngine:
-    # async, though it awaits nothing: FastAPI runs a plain `def` dependency in a thread.
-    engine: AsyncEngine = request.app.state.engine
-    return engine
-
-
-EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
-
-
-# Documents the key as the OpenAPI security scheme; auto_error=False so that a missing key
-# is our own 401 with the contract's body, not FastAPI's.
-_API_KEY = APIKeyHeader(
-    name="X-API-Key",
-    scheme_name="ApiKey",
-    description="An API key (`usk_...`): its scope and permission decide what it may see and do.",
-    auto_error=False,
-)
-
-
-async def current_key(
-    request: Request,
-    engine: EngineDep,
-    x_api_key: Annotated[str | None, Security(_API_KEY)],
-) -> Principal:
-    principal = await authenticate(engine, x_api_key)
-    # For the access log, which names a key by its id only.
-    request.state.key_id = principal.key_id
-    return principal
-
-
-CurrentKey = Annotated[Principal, Depends(current_key)]
 
 
 # The key administration below is used by the CLI; it runs inside the caller's transaction.
@@ -150,7 +102,7 @@ class KeyInfo:
 async def create_key(
     conn: AsyncConnection,
     *,
-    scope: Scope,
+    scope: KeyScope,
     partner_id: str | None = None,
     organization_id: str | None = None,
     can_write: bool = False,

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usage_api.config import get_settings
+from usage_api.db import PrimaryEngine
 from usage_api.logs import logging_config
 
 T = TypeVar("T")
@@ -61,11 +62,11 @@ def migrate_to_head(url: str) -> None:
     command.upgrade(config, "head")
 
 
-def _with_engine(url: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+def _with_engine(url: str, work: Callable[[PrimaryEngine], Awaitable[T]]) -> T:
     from usage_api.db import create_engine
 
     async def run() -> T:
-        engine = create_engine(get_settings(), url)
+        engine = PrimaryEngine(create_engine(get_settings(), url))
         try:
             return await work(engine)
         finally:
@@ -83,7 +84,7 @@ def _in_transaction(url: str, work: Callable[[AsyncConnection], Awaitable[T]]) -
 def _load_demo(url: str) -> str:
     from usage_api.demo import demo_key, load_demo
 
-    async def run(engine: AsyncEngine) -> str:
+    async def run(engine: PrimaryEngine) -> str:
         await load_demo(engine)
         from usage_api.db import transact
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 
+class ConfigError(ValueError):
+    """A setting that cannot be used as given; the message says which and why."""
+
+
 def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -14,9 +18,9 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
-        raise SystemExit(f"{name} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
 
 
@@ -46,10 +50,12 @@ class Settings:
     docs_enabled: bool
     metrics_enabled: bool
     log_level: str
-    # Streaming replicas of database_url that serve reads (docs/scaling.md).
-    database_read_urls: tuple[str, ...] = ()
-    # How long a read waits for a replica to catch up before the primary answers it.
-    replica_wait_ms: int = 10
+    # Where worker processes share their metrics (`serve --workers N` sets it).
+    metrics_dir: str | None
+    # Streaming replicas of database_url that serve reads (docs/scaling.md), and how long
+    # a read waits for one to catch up before the primary answers it.
+    database_read_urls: tuple[str, ...]
+    replica_wait_ms: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,6 +72,7 @@ class Settings:
             docs_enabled=_bool("USAGE_API_DOCS", True),
             metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
+            metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             database_read_urls=_urls("DATABASE_READ_URLS"),
             replica_wait_ms=_int("USAGE_API_REPLICA_WAIT_MS", 10),
         )

@@ -1,4 +1,9 @@
-"""The engine, and the one way requests and commands run a transaction.
+"""The engines, and the ways requests and commands run SQL on them.
+
+The types say which database a piece of code may touch: `transact` (every write) takes a
+`PrimaryEngine` only, and reads take any engine, so a `ReadEngine`, which points at a
+replica, cannot be written through. Requests' reads go through `Databases.read`
+(`replicas.Reads`): a replica that has caught up, else the primary.
 
 When the database goes away (a restart, a failover, a frozen host), no request waits
 longer than a few seconds and none is answered 500: connecting gives up after
@@ -16,15 +21,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Concatenate, NewType, ParamSpec, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from usage_api.config import Settings
+from usage_api.config import ConfigError, Settings
 from usage_api.errors import ApiError, ServiceUnavailable, is_unavailable
+
+if TYPE_CHECKING:
+    from usage_api.replicas import Reads
 
 log = logging.getLogger("usage_api")
 
@@ -51,7 +60,46 @@ def async_url(url: str) -> str:
     for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url.removeprefix(prefix)
-    raise SystemExit("DATABASE_URL must be a postgresql:// URL")
+    raise ConfigError("DATABASE_URL must be a postgresql:// URL")
+
+
+# The primary, which takes writes; a database that serves reads only.
+PrimaryEngine = NewType("PrimaryEngine", AsyncEngine)
+ReadEngine = NewType("ReadEngine", AsyncEngine)
+
+
+@dataclass(frozen=True)
+class Databases:
+    """A process's engines: requests' writes, requests' reads, and background work."""
+
+    primary: PrimaryEngine
+    # Requests' reads: the replicas of DATABASE_READ_URLS when caught up, else the primary.
+    read: Reads
+    # The rate limit's sync and the fold have two connections of their own: they never
+    # take one a request is waiting for, even while the database hangs.
+    background: PrimaryEngine
+
+    @classmethod
+    def create(cls, settings: Settings, url: str) -> Databases:
+        """Engines for `url`; no connection is opened until one is used."""
+        # Here, not at the top: replicas builds on this module's read helpers.
+        from usage_api.replicas import Reads, Replica, replica_name
+
+        primary = PrimaryEngine(create_engine(settings, url))
+        background = PrimaryEngine(create_engine(replace(settings, pool_size=2), url))
+        replicas = [
+            Replica(replica_name(replica), ReadEngine(create_engine(settings, replica)))
+            for replica in settings.database_read_urls
+        ]
+        read = Reads(
+            primary, replicas, background=background, wait_s=settings.replica_wait_ms / 1000
+        )
+        return cls(primary=primary, read=read, background=background)
+
+    async def dispose(self) -> None:
+        await self.read.dispose()
+        for engine in (self.primary, self.background):
+            await engine.dispose()
 
 
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
@@ -136,7 +184,7 @@ def _unavailable_as_503() -> Iterator[None]:
 
 
 async def transact(
-    engine: AsyncEngine,
+    engine: PrimaryEngine,
     work: Callable[Concatenate[AsyncConnection, P], Awaitable[T]],
     *args: P.args,
     **kwargs: P.kwargs,

@@ -6,14 +6,14 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from usage_api.analytics.rollup import fold_all
 from usage_api.auth import Principal, create_key
 from usage_api.dates import utc_now
-from usage_api.db import transact
+from usage_api.db import PrimaryEngine, transact
 from usage_api.directory import put_organization, put_user
 from usage_api.ingest import ingest
-from usage_api.rollup import fold_all
 from usage_api.schemas import Direction, EventType, OrganizationIn, UsageEventIn, UserIn
 
 ORGANIZATION_ID = "1767623610019x414651971228139500"
@@ -70,7 +70,7 @@ def demo_events(now: datetime) -> list[UsageEventIn]:
     return events
 
 
-async def load_demo(engine: AsyncEngine) -> None:
+async def load_demo(engine: PrimaryEngine) -> None:
     """Create the demo organization, user and usage; running it again changes nothing."""
     await transact(
         engine, put_organization, _ADMIN, ORGANIZATION_ID, OrganizationIn(name="Acme Corp")

@@ -11,12 +11,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.auth import VISIBLE_ORGANIZATION, Principal
+from usage_api.auth import Principal
+from usage_api.db import transact
 from usage_api.errors import ApiError, not_found
-from usage_api.schemas import OrganizationIn, PartnerIn, UserIn
+from usage_api.http.deps import CurrentKey, PrimaryDb
+from usage_api.http.openapi import request_body, upsert_responses
+from usage_api.http.params import checked_id, parse_body
+from usage_api.schemas import (
+    OrganizationIdPath,
+    OrganizationIn,
+    OrganizationResponse,
+    PartnerIdPath,
+    PartnerIn,
+    PartnerResponse,
+    UserIdPath,
+    UserIn,
+    UserResponse,
+)
+from usage_api.sql import visible_organization
+
+_IN_SCOPE = visible_organization()
 
 # `xmax = 0` holds for a row this statement inserted, not for one it updated.
 _UPSERT_PARTNER = text("""
@@ -26,7 +45,7 @@ RETURNING id, name, (xmax = 0) AS created
 """)
 
 _ORGANIZATION_SCOPE = text(f"""
-SELECT o.partner_id, {VISIBLE_ORGANIZATION} AS visible FROM organizations o WHERE o.id = :id
+SELECT o.partner_id, {_IN_SCOPE} AS visible FROM organizations o WHERE o.id = :id
 """)
 
 _PARTNER_EXISTS = text("SELECT 1 FROM partners WHERE id = :id")
@@ -37,12 +56,12 @@ _UPSERT_ORGANIZATION = text(f"""
 INSERT INTO organizations AS o (id, name, partner_id) VALUES (:id, :name, :partner_id)
 ON CONFLICT (id) DO UPDATE SET name = excluded.name, partner_id = excluded.partner_id,
     updated_at = now()
-WHERE {VISIBLE_ORGANIZATION}
+WHERE {_IN_SCOPE}
 RETURNING id, name, partner_id, (xmax = 0) AS created
 """)
 
-_VISIBLE_ORGANIZATION = text(f"""
-SELECT 1 FROM organizations o WHERE o.id = :id AND {VISIBLE_ORGANIZATION}
+_VISIBLE = text(f"""
+SELECT 1 FROM organizations o WHERE o.id = :id AND {_IN_SCOPE}
 """)
 
 _UPSERT_USER = text("""
@@ -53,7 +72,7 @@ RETURNING id, organization_id, name, email, (xmax = 0) AS created
 """)
 
 _USER_ORGANIZATION = text(f"""
-SELECT u.organization_id, {VISIBLE_ORGANIZATION} AS visible
+SELECT u.organization_id, {_IN_SCOPE} AS visible
 FROM users u JOIN organizations o ON o.id = u.organization_id WHERE u.id = :id
 """)
 
@@ -111,7 +130,7 @@ async def put_user(
     conn: AsyncConnection, principal: Principal, user_id: str, body: UserIn
 ) -> tuple[bool, dict[str, Any]]:
     scope = principal.scope_params()
-    visible = await conn.scalar(_VISIBLE_ORGANIZATION, {"id": body.organization_id, **scope})
+    visible = await conn.scalar(_VISIBLE, {"id": body.organization_id, **scope})
     if visible is None:
         raise not_found("organization")
     row = (
@@ -138,3 +157,65 @@ async def put_user(
         "name": row.name,
         "email": row.email,
     }
+
+
+router = APIRouter(tags=["directory"])
+
+
+def _upserted(kind: str, created: bool, entity: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"success": True, kind: entity}, status_code=201 if created else 200)
+
+
+@router.put(
+    "/v1/partners/{partner_id:id}",
+    operation_id="putPartner",
+    openapi_extra=request_body(PartnerIn),
+    responses=upsert_responses(PartnerResponse, 400, 401, 403, 413, 429, 500, 503),
+)
+async def put_partner_route(
+    request: Request, engine: PrimaryDb, principal: CurrentKey, partner_id: PartnerIdPath
+) -> JSONResponse:
+    """Create or rename a partner (admin keys)."""
+    principal.require_write()
+    principal.require_admin()
+    checked_id(partner_id, "partner_id")
+    body = await parse_body(request, PartnerIn)
+    created, entity = await transact(engine, put_partner, principal, partner_id, body)
+    return _upserted("partner", created, entity)
+
+
+@router.put(
+    "/v1/organizations/{organization_id:id}",
+    operation_id="putOrganization",
+    openapi_extra=request_body(OrganizationIn),
+    responses=upsert_responses(OrganizationResponse, 400, 401, 403, 404, 413, 429, 500, 503),
+)
+async def put_organization_route(
+    request: Request,
+    engine: PrimaryDb,
+    principal: CurrentKey,
+    organization_id: OrganizationIdPath,
+) -> JSONResponse:
+    """Create or update an organization in the key's scope (no `partner_id`: keep it)."""
+    principal.require_write()
+    checked_id(organization_id, "organization_id")
+    body = await parse_body(request, OrganizationIn)
+    created, entity = await transact(engine, put_organization, principal, organization_id, body)
+    return _upserted("organization", created, entity)
+
+
+@router.put(
+    "/v1/users/{user_id:id}",
+    operation_id="putUser",
+    openapi_extra=request_body(UserIn),
+    responses=upsert_responses(UserResponse, 400, 401, 403, 404, 409, 413, 429, 500, 503),
+)
+async def put_user_route(
+    request: Request, engine: PrimaryDb, principal: CurrentKey, user_id: UserIdPath
+) -> JSONResponse:
+    """Create or update a user of an organization inside the key's scope."""
+    principal.require_write()
+    checked_id(user_id, "user_id")
+    body = await parse_body(request, UserIn)
+    created, entity = await transact(engine, put_user, principal, user_id, body)
+    return _upserted("user", created, entity)

@@ -12,36 +12,33 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.auth import VISIBLE_ORGANIZATION, Principal
+from usage_api.auth import Principal
 from usage_api.dates import utc_now
+from usage_api.db import transact
 from usage_api.errors import bad_request
-from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS
-from usage_api.schemas import UsageEventIn, error_message
+from usage_api.http.deps import CurrentKey, PrimaryDb, ServicesDep
+from usage_api.http.openapi import error_responses, request_body
+from usage_api.http.params import json_body
+from usage_api.schemas import IngestResponse, UsageEventIn, UsageEventsIn, error_message
+from usage_api.sql import EVENT_COLUMNS, EVENT_SUMS, METRIC_COLUMNS, visible_organization
 
 MAX_EVENTS = 1000
 MAX_FUTURE = timedelta(minutes=5)
 
-_COLUMNS = (
-    "organization_id",
-    "id",
-    "user_id",
-    "type",
-    "direction",
-    "segments",
-    "seconds",
-    "knowledge_base",
-    "occurred_at",
-)
-_TYPES = ("text", "text", "text", "text", "text", "int", "int", "bool", "timestamptz")
 _UNNEST = "unnest({}) WITH ORDINALITY AS input({}, position)".format(
-    ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(_COLUMNS, _TYPES, strict=True)),
-    ", ".join(_COLUMNS),
+    ", ".join(f"CAST(:{column} AS {type_}[])" for column, type_ in EVENT_COLUMNS.items()),
+    ", ".join(EVENT_COLUMNS),
 )
-_COLUMN_LIST = ", ".join(_COLUMNS)
+_COLUMN_LIST = ", ".join(EVENT_COLUMNS)
+# What an event is, apart from its identity: a stored event with the same id and other
+# content is a conflict.
+_CONTENT = [column for column in EVENT_COLUMNS if column not in ("organization_id", "id")]
 
 # The first event of each (organization, id) in the batch is the one offered for insertion;
 # any repeat in the same batch is then judged against what got stored, like a retry. Only
@@ -68,11 +65,8 @@ SELECT count(*) FROM inserted
 _CONFLICTS = text(f"""
 SELECT input.position FROM {_UNNEST}
 JOIN usage_events stored USING (organization_id, id)
-WHERE (stored.user_id, stored.type, stored.direction, stored.segments, stored.seconds,
-       stored.knowledge_base, stored.occurred_at)
-      IS DISTINCT FROM
-      (input.user_id, input.type, input.direction, input.segments, input.seconds,
-       input.knowledge_base, input.occurred_at)
+WHERE ({", ".join(f"stored.{column}" for column in _CONTENT)})
+      IS DISTINCT FROM ({", ".join(f"input.{column}" for column in _CONTENT)})
 """)
 
 # Joined with the id lists rather than `id = ANY(...)`: with a few hundred ids the planner
@@ -81,7 +75,7 @@ WHERE (stored.user_id, stored.type, stored.direction, stored.segments, stored.se
 _VISIBLE = text(f"""
 SELECT 'organization' AS kind, o.id, o.id AS organization_id FROM organizations o
 JOIN unnest(CAST(:organization_ids AS text[])) AS wanted(id) ON o.id = wanted.id
-WHERE {VISIBLE_ORGANIZATION}
+WHERE {visible_organization()}
 UNION ALL
 SELECT 'user', u.id, u.organization_id FROM users u
 JOIN unnest(CAST(:user_ids AS text[])) AS wanted(id) ON u.id = wanted.id
@@ -189,17 +183,10 @@ async def _check_targets(
 
 
 def _columns(events: list[UsageEventIn]) -> dict[str, list[Any]]:
-    return {
-        "organization_id": [e.organization_id for e in events],
-        "id": [e.id for e in events],
-        "user_id": [e.user_id for e in events],
-        "type": [e.type for e in events],
-        "direction": [e.direction for e in events],
-        "segments": [e.segments for e in events],
-        "seconds": [e.seconds for e in events],
-        "knowledge_base": [bool(e.knowledge_base) for e in events],
-        "occurred_at": [e.occurred_at for e in events],
-    }
+    """The batch as one list per column of `EVENT_COLUMNS`."""
+    columns = {column: [getattr(e, column) for e in events] for column in EVENT_COLUMNS}
+    columns["knowledge_base"] = [bool(value) for value in columns["knowledge_base"]]
+    return columns
 
 
 async def ingest(
@@ -220,3 +207,36 @@ async def ingest(
             if position in conflicting and event.id not in result.conflicts:
                 result.conflicts.append(event.id)
     return result
+
+
+router = APIRouter(tags=["ingestion"])
+
+
+@router.post(
+    "/v1/usage/events",
+    operation_id="postEvents",
+    openapi_extra=request_body(UsageEventsIn),
+    responses={
+        200: {"model": IngestResponse},
+        **error_responses(400, 401, 403, 413, 429, 500, 503),
+    },
+)
+async def post_events(
+    request: Request, engine: PrimaryDb, principal: CurrentKey, services: ServicesDep
+) -> JSONResponse:
+    """Record a batch of 1 to 1000 usage events, exactly once each."""
+    principal.require_write()
+    body = await json_body(request)
+    if not isinstance(body, dict) or set(body) != {"events"}:
+        raise bad_request("request body must be a JSON object with only an events list")
+    result = await transact(engine, ingest, principal, parse_events(body["events"]))
+    if services.telemetry is not None:
+        services.telemetry.count_events(result.accepted, result.duplicates, len(result.conflicts))
+    return JSONResponse(
+        {
+            "success": True,
+            "accepted": result.accepted,
+            "duplicates": result.duplicates,
+            "conflicts": result.conflicts,
+        }
+    )

@@ -31,12 +31,12 @@ from datetime import UTC, datetime
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, INTEGER
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usage_api import errors
 from usage_api.auth import hash_key
-from usage_api.db import transact
+from usage_api.db import PrimaryEngine, transact
 from usage_api.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class RateLimiter:
         self._pending[key_hash] = pending + 1
         return Decision(True, self.limit - used - 1, reset_s)
 
-    async def sync(self, engine: AsyncEngine) -> None:
+    async def sync(self, engine: PrimaryEngine) -> None:
         """Add this process's new requests to the shared totals and read those back."""
         self._roll()
         if not self._pending:
@@ -154,7 +154,7 @@ class RateLimiter:
         if window == self._window:
             self._synced.update(totals)
 
-    async def run(self, engine: AsyncEngine) -> None:
+    async def run(self, engine: PrimaryEngine) -> None:
         """Sync every `sync_s` seconds until cancelled, then once more."""
         try:
             while True:

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from usage_api.db import fetch_row, run_autocommit
+from usage_api.db import PrimaryEngine, ReadEngine, fetch_row, run_autocommit
 from usage_api.errors import ApiError, is_unavailable
 
 log = logging.getLogger("usage_api")
@@ -139,7 +139,7 @@ class Replica:
     """One `DATABASE_READ_URLS` entry and what the last probe found."""
 
     name: str
-    engine: AsyncEngine
+    engine: ReadEngine
     state: State = "starting"
     replayed: int | None = None
     lag_bytes: int | None = None
@@ -193,10 +193,10 @@ class Reads:
 
     def __init__(
         self,
-        primary: AsyncEngine,
+        primary: PrimaryEngine,
         replicas: Sequence[Replica] = (),
         *,
-        background: AsyncEngine | None = None,
+        background: PrimaryEngine | None = None,
         wait_s: float = WAIT_S,
         check_interval_s: float = CHECK_INTERVAL_S,
         max_backoff_s: float = MAX_BACKOFF_S,
@@ -477,7 +477,3 @@ def instrument(reads: Reads, registry: CollectorRegistry) -> None:
     reads.on_probe = probed
     reads.on_fallback = lambda reason: fallbacks.labels(reason).inc()
     reads.on_replica_read = lambda replica: replica_reads.labels(replica.name).inc()
-
-
-def replicas_of(urls: Iterable[str], create: Callable[[str], AsyncEngine]) -> list[Replica]:
-    return [Replica(replica_name(url), create(url)) for url in urls]

@@ -1,6 +1,6 @@
 """What goes over the wire: request bodies with the contract's limits, and the documented
-shapes of every answer (the OpenAPI schema's; routes build their JSON by hand, in the
-contract's key order, and these models only describe it)."""
+shapes of the write-side answers and of errors (routes build their JSON by hand, in the
+contract's key order, and the response models only describe it)."""
 
 from __future__ import annotations
 
@@ -46,64 +46,20 @@ EMAIL_RULES = (
 NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 
-def _id_json_schema(max_length: int = 128, example: str | None = None) -> dict[str, Any]:
+def id_json_schema(max_length: int = 128, example: str | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string", "pattern": id_pattern(max_length)}
     if example is not None:
         schema["examples"] = [example]
     return schema
 
 
-def _date_json_schema(example: str) -> dict[str, Any]:
+def date_json_schema(example: str) -> dict[str, Any]:
     return {"type": "string", "pattern": DATE_PATTERN, "examples": [example]}
 
 
 def id_schema(max_length: int = 128, example: str | None = None) -> WithJsonSchema:
     """The documented schema of a caller-chosen id: 1 to `max_length` visible ASCII characters."""
-    return WithJsonSchema(_id_json_schema(max_length, example))
-
-
-# The query parameters of `GET /v1/analytics/usage`, which the route reads itself and
-# checks in order (key, ids, dates) with the contract's messages: documented here only.
-_USAGE_QUERY = (
-    (
-        "organization_id",
-        "The organization whose usage to read.",
-        _id_json_schema(example=EXAMPLE_ORGANIZATION_ID),
-    ),
-    (
-        "user_id",
-        "The user whose usage to read; with `organization_id`, one of its users.",
-        _id_json_schema(example=EXAMPLE_USER_ID),
-    ),
-    (
-        "start_date",
-        "Inclusive start: a date (00:00 UTC) or a date-time (no offset: UTC).",
-        _date_json_schema("2026-02-10T00:00:00Z"),
-    ),
-    (
-        "end_date",
-        "Inclusive end, through the unit of its finest field: `2026-03-12` covers the whole"
-        " day, `2026-03-12T23:59` the whole minute; with a fraction, that instant.",
-        _date_json_schema("2026-03-12"),
-    ),
-)
-
-
-def usage_parameters() -> dict[str, Any]:
-    """`openapi_extra` documenting the usage read's key and optional query parameters."""
-    return {
-        "security": [{"ApiKey": []}],
-        "parameters": [
-            {
-                "name": name,
-                "in": "query",
-                "required": False,
-                "schema": {**schema, "title": name.replace("_", " ").title()},
-                "description": description,
-            }
-            for name, description, schema in _USAGE_QUERY
-        ],
-    }
+    return WithJsonSchema(id_json_schema(max_length, example))
 
 
 # Path parameters: routes take them as plain strings and check them with the contract's
@@ -173,7 +129,7 @@ Name = Annotated[
     AfterValidator(_name),
     WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255, "pattern": NAME_PATTERN}),
 ]
-Instant = Annotated[
+EventTime = Annotated[
     datetime,
     BeforeValidator(_instant),
     WithJsonSchema({"type": "string", "pattern": DATE_TIME_PATTERN}),
@@ -198,7 +154,7 @@ class UsageEventIn(BaseModel):
         default=None,
         description="Voice events only: the call used knowledge-base retrieval (default false).",
     )
-    occurred_at: Instant = Field(
+    occurred_at: EventTime = Field(
         description="ISO 8601 date-time (no offset means UTC), at most 5 minutes in the future."
     )
 
@@ -304,57 +260,11 @@ class UserIn(BaseModel):
 # says which keys an answer never has.
 
 
-class _Out(BaseModel):
+class ClosedModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Counts(_Out):
-    outbound: int = Field(ge=0)
-    inbound: int = Field(ge=0)
-    total: int = Field(ge=0, description="outbound + inbound")
-
-
-class VoiceSeconds(_Out):
-    seconds: int = Field(ge=0, description="Calls without knowledge-base retrieval.")
-    kb_seconds: int = Field(ge=0, description="Calls with knowledge-base retrieval.")
-    total_seconds: int = Field(ge=0, description="seconds + kb_seconds")
-
-
-_START_ECHO = "With `custom`: the start in UTC, null when open."
-_END_ECHO = "With `custom`: the last instant covered, in UTC; null when open."
-Period = Literal["all_time", "custom"]
-
-
-class OrganizationUsage(_Out):
-    organization_id: str
-    organization_name: str
-    sms: Counts
-    mms: Counts
-    voice: VoiceSeconds
-    period: Period
-    start_date: datetime | None = Field(default=None, description=_START_ECHO)
-    end_date: datetime | None = Field(default=None, description=_END_ECHO)
-
-
-class UserUsage(_Out):
-    user_id: str
-    user_name: str
-    user_email: str
-    sms: Counts
-    mms: Counts
-    voice: VoiceSeconds
-    period: Period
-    start_date: datetime | None = Field(default=None, description=_START_ECHO)
-    end_date: datetime | None = Field(default=None, description=_END_ECHO)
-
-
-class UsageResponse(_Out):
-    success: Literal[True]
-    usage: OrganizationUsage | UserUsage
-    powered_by: str
-
-
-class IngestResponse(_Out):
+class IngestResponse(ClosedModel):
     success: Literal[True]
     accepted: int = Field(ge=0, description="Events recorded by this request.")
     duplicates: int = Field(ge=0, description="Events already recorded with the same content.")
@@ -363,123 +273,48 @@ class IngestResponse(_Out):
     )
 
 
-class PartnerOut(_Out):
+class PartnerOut(ClosedModel):
     id: str
     name: str
 
 
-class OrganizationOut(_Out):
+class OrganizationOut(ClosedModel):
     id: str
     name: str
     partner_id: str | None
 
 
-class UserOut(_Out):
+class UserOut(ClosedModel):
     id: str
     organization_id: str
     name: str
     email: str
 
 
-class PartnerResponse(_Out):
+class PartnerResponse(ClosedModel):
     success: Literal[True]
     partner: PartnerOut
 
 
-class OrganizationResponse(_Out):
+class OrganizationResponse(ClosedModel):
     success: Literal[True]
     organization: OrganizationOut
 
 
-class UserResponse(_Out):
+class UserResponse(ClosedModel):
     success: Literal[True]
     user: UserOut
 
 
-class EventError(_Out):
+class EventError(ClosedModel):
     index: int = Field(ge=0, description="Position of the event in the batch.")
     field: str
     error: str
 
 
-class ErrorResponse(_Out):
+class ErrorResponse(ClosedModel):
     success: Literal[False]
     error: str
     details: list[EventError] | SkipJsonSchema[None] = Field(
         default=None, description="Rejected batches of events only: each bad event's problems."
     )
-
-
-_ERRORS = {
-    400: "Malformed request: ids, dates or body",
-    401: "No `X-API-Key`, or an unknown, revoked or expired key",
-    403: "The key may not do this (write permission, admin scope)",
-    404: "Unknown id, or one outside the key's scope",
-    409: "The user belongs to another organization",
-    413: "Request body too large",
-    429: "The key's rate limit is spent: retry after `Retry-After` seconds",
-    500: "Unexpected error (details only in the server log)",
-    503: "Database unavailable or too slow: retry after `Retry-After` seconds",
-}
-
-
-_RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}}
-_RATE_LIMIT_HEADERS = {
-    "RateLimit-Policy": {
-        "description": 'The key\'s quota `q` per window of `w` seconds: `"per-key";q=6000;w=60`',
-        "schema": {"type": "string"},
-    },
-    "RateLimit": {
-        "description": "Requests `r` left in this window, which ends in `t` seconds",
-        "schema": {"type": "string"},
-    },
-}
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses` documenting a route's errors, all `{"success": false, "error": ...}`."""
-    responses: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
-        response: dict[str, Any] = {"model": ErrorResponse, "description": _ERRORS[status]}
-        if status in (429, 503):
-            response["headers"] = {"Retry-After": _RETRY_AFTER}
-        if status == 429:
-            response["headers"].update(_RATE_LIMIT_HEADERS)
-        responses[status] = response
-    return responses
-
-
-def upsert_responses(model: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses` of a directory `PUT`: 201 when created, 200 when updated."""
-    return {
-        200: {"model": model, "description": "Updated"},
-        201: {"model": model, "description": "Created"},
-        **error_responses(*errors),
-    }
-
-
-_COMPONENT = "#/components/schemas/{model}"
-_REQUEST_MODELS = (UsageEventsIn, PartnerIn, OrganizationIn, UserIn)
-
-
-def request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` documenting a JSON body that the route parses itself, for the contract's
-    error messages (see `complete_openapi`)."""
-    content = {"application/json": {"schema": {"$ref": _COMPONENT.format(model=model.__name__)}}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
-    """Finish FastAPI's OpenAPI schema: add the request bodies of `request_body`, and drop the
-    422 it documents for every route with parameters: a malformed request is a 400 here."""
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in _REQUEST_MODELS:
-        definition = model.model_json_schema(ref_template=_COMPONENT)
-        components.update(definition.pop("$defs", {}))
-        components[model.__name__] = definition
-    for name in ("HTTPValidationError", "ValidationError"):
-        components.pop(name, None)
-    for operations in schema["paths"].values():
-        for operation in operations.values():
-            operation["responses"].pop("422", None)
-    return schema

@@ -1,29 +1,31 @@
-"""Reading usage: `GET /v1/analytics/usage`.
+"""The totals of one organization or user: `GET /v1/analytics/usage` without series.
 
 Each answer is one statement, so one snapshot and one round trip: the caller's key, the
 entity, its scope check and its sums. It runs on asyncpg directly (`db.fetch_row`): this
 is the hottest route, and SQLAlchemy's execution layers cost as much as the statement.
-All time is the counter row plus the deltas not yet folded into it. A range is cut into
-whole UTC days (daily roll-ups), whole hours (hourly roll-ups) and the partial hours at
-its edges (raw log rows), plus the unfolded deltas of its whole hours; its cost depends
-on the range's shape, not on how much usage the organization has.
+All time is the counter row plus the deltas not yet folded into it; a range is summed from
+the pieces `ranges.range_params` cuts it into, plus the unfolded deltas of its whole hours.
+`python -m usage_api.analytics.totals` prints the four statements as they run.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from usage_api.auth import KEY_LOOKUP, VISIBLE_TO_KEY, invalid_key
-from usage_api.dates import DateRange
+from usage_api.analytics.query import UsageQuery
+from usage_api.analytics.ranges import range_params
+from usage_api.auth import invalid_key
 from usage_api.models import METRICS
 from usage_api.replicas import Reads
-from usage_api.rollup import EVENT_SUMS, METRIC_COLUMNS, METRIC_SUMS
-
-HOUR = timedelta(hours=1)
-DAY = timedelta(days=1)
+from usage_api.sql import (
+    EVENT_SUMS,
+    KEY_LOOKUP,
+    METRIC_COLUMNS,
+    METRIC_SUMS,
+    Statement,
+    compile_named,
+    visible_to_key,
+)
 
 # Placeholders: {events} and {rollups} select the entity's rows; an organization's
 # events and deltas include every user's, its roll-ups are the rows with user_id ''.
@@ -60,7 +62,7 @@ WITH k AS ({KEY_LOOKUP})
 SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     SELECT o.id, o.name, m.* FROM organizations o
     CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE o.id = :organization_id AND {VISIBLE_TO_KEY}
+    WHERE o.id = :organization_id AND {visible_to_key()}
 ) e ON true
 """
 
@@ -70,33 +72,13 @@ SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     SELECT u.id, u.name, u.email, m.* FROM users u
     JOIN organizations o ON o.id = u.organization_id
     CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE u.id = :user_id AND {VISIBLE_TO_KEY}
+    WHERE u.id = :user_id AND {visible_to_key()}
       AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
 ) e ON true
 """
 
 
-@dataclass(frozen=True)
-class _Statement:
-    """SQL with asyncpg's `$n` placeholders, and the names of the parameters they stand for."""
-
-    sql: str
-    names: tuple[str, ...]
-
-    @classmethod
-    def from_named(cls, sql: str) -> _Statement:
-        """From SQL with `:name` parameters (`::type` casts are left alone)."""
-        names: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            if match[1] not in names:
-                names.append(match[1])
-            return f"${names.index(match[1]) + 1}"
-
-        return cls(re.sub(r"(?<![:\w]):(\w+)", number, sql), tuple(names))
-
-
-def _statement(kind: str, ranged: bool) -> _Statement:
+def _statement(kind: str, ranged: bool) -> Statement:
     parts = _RANGE_PARTS if ranged else _ALL_TIME_PARTS
     if kind == "user":
         template = _USER
@@ -106,9 +88,7 @@ def _statement(kind: str, ranged: bool) -> _Statement:
         template = _ORGANIZATION
         events = "organization_id = o.id"
         rollups = "organization_id = o.id AND user_id = ''"
-    return _Statement.from_named(
-        template.format(parts=parts.format(events=events, rollups=rollups))
-    )
+    return compile_named(template.format(parts=parts.format(events=events, rollups=rollups)))
 
 
 _STATEMENTS = {
@@ -116,45 +96,6 @@ _STATEMENTS = {
     for kind in ("organization", "user")
     for ranged in (False, True)
 }
-
-
-def _floor(at: datetime, unit: timedelta) -> datetime:
-    if unit == DAY:
-        return at.replace(hour=0, minute=0, second=0, microsecond=0)
-    return at.replace(minute=0, second=0, microsecond=0)
-
-
-def _ceil(at: datetime, unit: timedelta) -> datetime:
-    floor = _floor(at, unit)
-    return floor if floor == at else floor + unit
-
-
-def range_params(span: DateRange) -> dict[str, Any]:
-    """Cut `[start, end)` into raw edges, whole hours and whole days (all UTC)."""
-    start, end = span.start, span.end_exclusive
-    first_hour, last_hour = _ceil(start, HOUR), _floor(end, HOUR)
-    if first_hour >= last_hour:  # no whole hour: all of it is raw rows
-        first_hour = last_hour = end
-    first_day, last_day = _ceil(first_hour, DAY), _floor(last_hour, DAY)
-    if first_day >= last_day:  # no whole day: all whole hours come from hourly roll-ups
-        first_day = last_day = last_hour
-    return {
-        "start": start,
-        "end": end,
-        "first_hour": first_hour,
-        "last_hour": last_hour,
-        "first_day_at": first_day,
-        "last_day_at": last_day,
-        "first_day": first_day.date(),
-        "last_day": last_day.date(),
-    }
-
-
-@dataclass(frozen=True)
-class UsageQuery:
-    organization_id: str | None
-    user_id: str | None
-    span: DateRange | None
 
 
 def _metrics(row: Any) -> dict[str, Any]:
@@ -193,7 +134,7 @@ async def read_usage(
     if query.span is not None:
         params.update(range_params(query.span))
     statement = _STATEMENTS[kind, query.span is not None]
-    row = await reads.fetch_row(statement.sql, *(params[n] for n in statement.names))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:
@@ -212,3 +153,9 @@ async def read_usage(
         usage["start_date"] = query.span.start_echo
         usage["end_date"] = query.span.end_echo
     return row["key_id"], usage
+
+
+if __name__ == "__main__":
+    for (kind, ranged), statement in _STATEMENTS.items():
+        print(f"-- {kind}, {'range' if ranged else 'all time'}; $n: {', '.join(statement.names)}")
+        print(statement.sql.strip(), end=";\n\n")

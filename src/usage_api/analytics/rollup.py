@@ -1,4 +1,4 @@
-"""Folding deltas into the roll-ups, and the SQL that sums usage rows.
+"""Folding deltas into the roll-ups.
 
 Ingest only appends to `usage_deltas`. `fold` moves a batch of deltas into
 `usage_counters`, `usage_hourly` and `usage_daily` in one statement that also deletes
@@ -14,32 +14,15 @@ import asyncio
 import logging
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.db import transact
+from usage_api.db import PrimaryEngine, transact
 from usage_api.errors import ServiceUnavailable
 from usage_api.models import METRICS
+from usage_api.sql import METRIC_COLUMNS, METRIC_SUMS, compile_named
 
 log = logging.getLogger("usage_api")
 
-# The six metrics of a set of `usage_events` rows.
-EVENT_SUMS = """
-    coalesce(sum(segments) FILTER (WHERE type = 'sms' AND direction = 'outbound'), 0)
-        AS sms_outbound,
-    coalesce(sum(segments) FILTER (WHERE type = 'sms' AND direction = 'inbound'), 0)
-        AS sms_inbound,
-    coalesce(sum(segments) FILTER (WHERE type = 'mms' AND direction = 'outbound'), 0)
-        AS mms_outbound,
-    coalesce(sum(segments) FILTER (WHERE type = 'mms' AND direction = 'inbound'), 0)
-        AS mms_inbound,
-    coalesce(sum(seconds) FILTER (WHERE type = 'voice' AND NOT knowledge_base), 0)
-        AS voice_seconds,
-    coalesce(sum(seconds) FILTER (WHERE type = 'voice' AND knowledge_base), 0)
-        AS voice_kb_seconds"""
-
-# The six metrics of a set of rows that already carry them (roll-ups, deltas).
-METRIC_SUMS = ", ".join(f"coalesce(sum({m}), 0)::bigint AS {m}" for m in METRICS)
-METRIC_COLUMNS = ", ".join(METRICS)
 _ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS)
 
 # 0x7573616765 is "usage": any constant will do as long as nothing else uses it.
@@ -48,10 +31,10 @@ _FOLD_LOCK = 0x7573616765
 # Deltas are summed per hour for the hourly rows, and per day once: every daily row and
 # every counter comes from those day sums, so the user rows (nearly one per delta when
 # usage is spread over many users) are not sorted and grouped again for each roll-up.
-_FOLD = f"""
+_FOLD = compile_named(f"""
 WITH batch AS (
     DELETE FROM usage_deltas
-    WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT $1))
+    WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_deltas LIMIT :limit))
     RETURNING organization_id, user_id, hour_at, {METRIC_COLUMNS}
 ),
 days AS (
@@ -91,7 +74,7 @@ counters AS (
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_counters")}
 )
 SELECT count(*) FROM batch
-"""
+""")
 
 
 # A fold is background work, not a request: under a heavy write load a fold of 20,000
@@ -115,11 +98,13 @@ async def fold(conn: AsyncConnection, limit: int = 20_000) -> int | None:
     # no per-statement client timeout.
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
-    folded = await driver.fetchval(_FOLD, limit, timeout=_FOLD_TIMEOUT_S + 1)
+    folded = await driver.fetchval(
+        _FOLD.sql, *_FOLD.args({"limit": limit}), timeout=_FOLD_TIMEOUT_S + 1
+    )
     return int(folded or 0)
 
 
-async def fold_all(engine: AsyncEngine, limit: int = 20_000) -> int:
+async def fold_all(engine: PrimaryEngine, limit: int = 20_000) -> int:
     """Fold until no deltas are left (or another process is folding); the number folded."""
     total = 0
     while True:
@@ -131,7 +116,7 @@ async def fold_all(engine: AsyncEngine, limit: int = 20_000) -> int:
             return total
 
 
-async def run_folder(engine: AsyncEngine, interval_s: float) -> None:
+async def run_folder(engine: PrimaryEngine, interval_s: float) -> None:
     """Fold deltas every `interval_s` seconds until cancelled; errors are logged, not fatal."""
     while True:
         try:

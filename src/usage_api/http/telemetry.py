@@ -1,27 +1,17 @@
-"""What operators see of requests: one access line each, request ids, metrics, and the
-security headers every response carries (the JSON log format itself is in `logs`).
+"""The Prometheus instruments of one app (`Telemetry`) and their exposition at `/metrics`.
 
-`Observer` is a pure ASGI middleware placed outside everything else, Starlette's
-ServerErrorMiddleware included (see `ObservedFastAPI`), so that a 500 is logged, counted
-and headed like any other response. `Metrics` holds the Prometheus instruments of one
-app; with several worker processes (`PROMETHEUS_MULTIPROC_DIR` set, as `usage-api serve
+With several worker processes (`PROMETHEUS_MULTIPROC_DIR` set, as `usage-api serve
 --workers N` does) they live in files that any worker's `/metrics` sums up.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -34,21 +24,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from usage_api.logs import request_id_var
-
-access_log = logging.getLogger("usage_api.access")
-
-
-# Metrics
-
-
-def multiprocess_dir() -> str | None:
-    """The directory where worker processes share their metrics, when there are several."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
@@ -82,11 +57,12 @@ class _PoolCollector:
             yield GaugeMetricFamily(name, documentation, value=value)
 
 
-class Metrics:
+class Telemetry:
     """The Prometheus instruments of one app, and their exposition."""
 
-    def __init__(self) -> None:
-        self.multiprocess_dir = multiprocess_dir()
+    def __init__(self, multiprocess_dir: str | None) -> None:
+        # Where worker processes share their metrics, when there are several.
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "usage_api_http_requests",
@@ -176,10 +152,6 @@ class Metrics:
         MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
 
-    async def endpoint(self, request: Request) -> Response:
-        """Prometheus metrics (for scrapers; not to be exposed publicly)."""
-        return Response(self.render(), media_type=CONTENT_TYPE_LATEST)
-
 
 def _forget_dead_workers(path: str) -> None:
     """Drop the pool gauges of workers that died without saying so (a crash, a kill)."""
@@ -191,110 +163,3 @@ def _forget_dead_workers(path: str) -> None:
             mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass  # alive, another user's
-
-
-# The middleware
-
-_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}").fullmatch
-_SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-]
-_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
-_NO_STORE = (b"cache-control", b"no-store")
-# /docs loads Swagger UI's script and styles from a CDN: no CSP there.
-_DOCS_HEADERS = _SECURITY_HEADERS
-_API_HEADERS = [*_SECURITY_HEADERS, _CSP, _NO_STORE]
-_OTHER_HEADERS = [*_SECURITY_HEADERS, _CSP]
-
-
-class Observer:
-    """Request id, security headers, the access log line and request metrics."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics | None) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started_at = time.perf_counter()
-        request_id = _request_id(scope["headers"])
-        token = request_id_var.set(request_id)
-        # Created here so that every copy of the scope below shares it: `current_key`
-        # leaves the key's id in it.
-        state = scope.setdefault("state", {})
-        path: str = scope["path"]
-        if path.startswith("/v1/"):
-            headers = _API_HEADERS
-        elif path.startswith("/docs"):
-            headers = _DOCS_HEADERS
-        else:
-            headers = _OTHER_HEADERS
-        headers = [*headers, (b"x-request-id", request_id.encode())]
-        status = 500  # what a server answers when the app sends nothing
-        started = False
-
-        async def send_headed(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *headers]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_headed)
-        except Exception:
-            # ServerErrorMiddleware re-raises after sending the 500 "for the server to
-            # log"; the error handler has logged it with its traceback already.
-            if not started:
-                raise
-        finally:
-            seconds = time.perf_counter() - started_at
-            route = getattr(scope.get("route"), "path_format", None)
-            if self.metrics is not None:
-                self.metrics.observe(scope["method"], route, status, seconds)
-            if access_log.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                access_log.info(
-                    "%s %s %d",
-                    scope["method"],
-                    route or UNMATCHED_ROUTE,
-                    status,
-                    extra={
-                        "method": scope["method"],
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "key_id": state.get("key_id"),
-                        "request_id": request_id,
-                        "client_ip": client[0] if client else None,
-                    },
-                )
-            request_id_var.reset(token)
-
-
-def _request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The client's `X-Request-ID` when it is 1-128 visible ASCII characters, else a new one."""
-    for name, value in headers:
-        if name == b"x-request-id":
-            if _VALID_REQUEST_ID(value):
-                return value.decode("ascii")
-            break
-    return uuid.uuid4().hex
-
-
-class ObservedFastAPI(FastAPI):
-    """FastAPI with `Observer` around its whole middleware stack."""
-
-    def __init__(self, *, metrics: Metrics | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.metrics = metrics
-
-    def build_middleware_stack(self) -> ASGIApp:
-        # Outside ServerErrorMiddleware, which FastAPI puts first: the 500s it renders
-        # get a request id, security headers, a log line and a count like the rest.
-        return Observer(super().build_middleware_stack(), self.metrics)

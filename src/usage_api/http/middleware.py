@@ -1,0 +1,217 @@
+"""The ASGI middleware every request passes: request ids, security headers, the access log
+line and request metrics (`Observer`), HEAD answered like GET, and the body-size limit.
+
+`Observer` is placed outside everything else, Starlette's ServerErrorMiddleware included
+(see `ObservedFastAPI`), so that a 500 is logged, counted and headed like any other
+response. Which security headers a response gets is one table, `HEADER_POLICIES`, by path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from usage_api import errors
+from usage_api.http.telemetry import UNMATCHED_ROUTE, Telemetry
+from usage_api.logs import request_id_var
+
+access_log = logging.getLogger("usage_api.access")
+
+Headers = list[tuple[bytes, bytes]]
+
+_COMMON: Headers = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+_NOTHING_LOADS = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+
+# The security headers of a response by the prefix of its path, first match wins. API
+# answers are data that nothing may render or cache; /docs loads Swagger UI's script and
+# styles from a CDN, so it gets no CSP.
+HEADER_POLICIES: list[tuple[str, Headers]] = [
+    ("/v1/", [*_COMMON, _NOTHING_LOADS, (b"cache-control", b"no-store")]),
+    ("/docs", _COMMON),
+    ("", [*_COMMON, _NOTHING_LOADS]),
+]
+
+
+def security_headers(path: str) -> Headers:
+    return next(headers for prefix, headers in HEADER_POLICIES if path.startswith(prefix))
+
+
+_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}").fullmatch
+
+
+class Observer:
+    """Request id, security headers, the access log line and request metrics."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry | None) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started_at = time.perf_counter()
+        request_id = _request_id(scope["headers"])
+        token = request_id_var.set(request_id)
+        # Created here so that every copy of the scope below shares it: the key's id is
+        # left in it for the access line.
+        state = scope.setdefault("state", {})
+        headers = [*security_headers(scope["path"]), (b"x-request-id", request_id.encode())]
+        status = 500  # what a server answers when the app sends nothing
+        started = False
+
+        async def send_headed(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_headed)
+        except Exception:
+            # ServerErrorMiddleware re-raises after sending the 500 "for the server to
+            # log"; the error handler has logged it with its traceback already.
+            if not started:
+                raise
+        finally:
+            seconds = time.perf_counter() - started_at
+            route = getattr(scope.get("route"), "path_format", None)
+            if self.telemetry is not None:
+                self.telemetry.observe(scope["method"], route, status, seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                _log_access(scope, route, status, seconds, state.get("key_id"), request_id)
+            request_id_var.reset(token)
+
+
+def _log_access(
+    scope: Scope,
+    route: str | None,
+    status: int,
+    seconds: float,
+    key_id: str | None,
+    request_id: str,
+) -> None:
+    client = scope.get("client")
+    access_log.info(
+        "%s %s %d",
+        scope["method"],
+        route or UNMATCHED_ROUTE,
+        status,
+        extra={
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "key_id": key_id,
+            "request_id": request_id,
+            "client_ip": client[0] if client else None,
+        },
+    )
+
+
+def _request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's `X-Request-ID` when it is 1-128 visible ASCII characters, else a new one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if _VALID_REQUEST_ID(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class HeadAsGet:
+    """HEAD is answered as GET would be, without the body, on every GET route (RFC 9110),
+    and a 405 that allows GET says so of HEAD too: routes and their documentation declare
+    GET only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        head = scope["method"] == "HEAD"
+
+        async def send_for_head(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                message["headers"] = [_allow_head(h) for h in message.get("headers", ())]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"} if head else scope, receive, send_for_head)
+
+
+def _allow_head(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    name, value = header
+    if name.lower() == b"allow" and b"GET" in value.split(b", "):
+        return name, value + b", HEAD"
+    return header
+
+
+class BodySizeLimit:
+    """Answer 413 as soon as a request body grows past `limit` bytes, before it is read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.error_response(413, "request body too large")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ObservedFastAPI(FastAPI):
+    """FastAPI with `Observer` around its whole middleware stack."""
+
+    def __init__(self, *, telemetry: Telemetry | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.telemetry = telemetry
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside ServerErrorMiddleware, which FastAPI puts first: the 500s it renders
+        # get a request id, security headers, a log line and a count like the rest.
+        return Observer(super().build_middleware_stack(), self.telemetry)
