@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tests.conftest import TABLES, alembic_config
+from tests.conftest import ROOT, TABLES, alembic_config
 from tests.factories import event, make_key, make_organization, serving
 from tests.support.replica import Standby, psql, replicated_postgres
 from usage_api.app import create_app
@@ -453,3 +453,47 @@ async def test_serve_with_workers_reads_every_ingested_event_with_replay_paused(
         )
         assert fell_back == 10
     psql(pair[0], f"TRUNCATE {TABLES}")
+
+
+WRITE_THROUGH_A_READ_ENGINE = """
+from typing import Any
+
+from usage_api.db import Databases, transact
+
+
+async def work(conn: Any) -> None: ...
+
+
+async def write(databases: Databases) -> None:
+    await transact(databases.primary, work)
+    await transact(databases.read, work)
+    await transact(databases.read.replicas[0].engine, work)
+"""
+
+
+def test_the_types_forbid_a_transaction_on_anything_but_the_primary(tmp_path: Path) -> None:
+    from mypy import api
+
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(WRITE_THROUGH_A_READ_ENGINE)
+    out, _, status = api.run(
+        [
+            "--strict",
+            "--no-incremental",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(snippet),
+        ]
+    )
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert status == 1
+    # The primary is fine; the router and a replica engine are each refused.
+    refused = [
+        str(number)
+        for number, line in enumerate(WRITE_THROUGH_A_READ_ENGINE.splitlines(), 1)
+        if "transact(databases.read" in line
+    ]
+    assert [line.split(":")[1] for line in errors] == refused, out
+    assert all("incompatible type" in line and '"PrimaryEngine"' in line for line in errors), out
