@@ -343,11 +343,9 @@ class Reads:
 
     async def probe(self, replica: Replica) -> None:
         before = replica.state
+        replica.checked_at = time.monotonic()
         try:
-            if self._system_id is None:
-                self._system_id = await _fetch(self._probe_primary, _SYSTEM_ID_SQL)
             status = await _fetch(replica.engine, _PROBE_SQL, row=True)
-            primary_at: int = await _fetch(self._probe_primary, FENCE_SQL)
         except Exception as exc:
             replica.state = "down"
             replica.lag_bytes = replica.lag_seconds = None
@@ -356,10 +354,17 @@ class Reads:
             if before != "down":
                 log.warning("read replica %s is down: %s", replica.name, _first_line(exc))
             return
-        finally:
-            replica.checked_at = time.monotonic()
+        primary_at: int | None = None
+        # The primary being away says nothing about the replica (and no read can use it
+        # meanwhile: there is no fence); its lag is then unknown.
+        with contextlib.suppress(Exception):
+            if self._system_id is None:
+                self._system_id = await _fetch(self._probe_primary, _SYSTEM_ID_SQL)
+            primary_at = await _fetch(self._probe_primary, FENCE_SQL)
         replica.replayed = status["replayed"]
-        if status["system_id"] != self._system_id:
+        if self._system_id is None:
+            replica.state = "starting"  # not yet compared with the primary
+        elif status["system_id"] != self._system_id:
             replica.state = "other_cluster"  # not a copy of DATABASE_URL at all
         elif not status["standby"] or replica.replayed is None:
             replica.state = "not_standby"  # e.g. promoted: it has writes of its own
@@ -368,7 +373,7 @@ class Reads:
         else:
             replica.state = "up"
             replica._retry_s = FIRST_RETRY_S
-        if replica.replayed is None:
+        if replica.replayed is None or primary_at is None:
             replica.lag_bytes = replica.lag_seconds = None
         else:
             replica.lag_bytes = max(primary_at - replica.replayed, 0)
