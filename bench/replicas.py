@@ -154,6 +154,9 @@ async def run(
         # 1. One read at a time, no writes: the fence is one primary round trip per read;
         # the replica check is skipped while the connection has seen the fence replayed.
         results: dict[str, list[float]] = {}
+        # CPU seconds this process (the API, not PostgreSQL) spent per read: unlike wall
+        # time, it does not grow with what the rest of the machine is doing.
+        cpu: dict[str, float] = {}
         for _ in range(rounds):
             for name, http in (
                 ("primary alone", on_primary),
@@ -161,9 +164,12 @@ async def run(
                 ("unfenced", on_replica_unfenced),
             ):
                 for kind, make in (("counter", counter), ("365 days", year)):
+                    began_cpu = time.process_time()
                     results.setdefault(f"{kind}, {name}", []).extend(
                         await timed(make(http), per_round)
                     )
+                    spent = (time.process_time() - began_cpu) / (rounds * per_round)
+                    cpu[f"{kind}, {name}"] = cpu.get(f"{kind}, {name}", 0.0) + spent
         print("## One read at a time, no concurrent writes (ms, median / p99)\n")
         print("| read | primary alone | via the replica, fenced | on the replica, no fence |")
         print("| --- | --- | --- | --- |")
@@ -173,6 +179,12 @@ async def run(
                 for name in ("primary alone", "via replica", "unfenced")
             ]
             print(f"| {kind} | {' | '.join(cells)} |")
+        for kind in ("counter", "365 days"):
+            cells = [
+                f"{cpu[f'{kind}, {name}'] * 1000:.2f}"
+                for name in ("primary alone", "via replica", "unfenced")
+            ]
+            print(f"| {kind}: API CPU ms a read | {' | '.join(cells)} |")
         print(f"\nserved by the replica: {reads.replicas[0].reads}, fallbacks: {reads.fallbacks}\n")
 
         # 2. The fence's parts on their own.

@@ -335,7 +335,10 @@ async def test_a_replica_stopped_under_load_costs_no_request_and_serves_again_on
 
     load = [asyncio.create_task(writer()), *(asyncio.create_task(reader()) for _ in range(4))]
     reads: Reads = replicated_app.state.services.databases.read
-    await asyncio.sleep(0.5)
+    for _ in range(200):  # until the replica has served a few of them
+        if reads.replicas[0].reads >= 5:
+            break
+        await asyncio.sleep(0.05)
     served_before_stop = reads.replicas[0].reads
     await asyncio.to_thread(standby.stop)
     await asyncio.sleep(0.5)
