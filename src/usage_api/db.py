@@ -92,7 +92,16 @@ class Databases:
             for replica in settings.database_read_urls
         ]
         read = Reads(
-            primary, replicas, background=background, wait_s=settings.replica_wait_ms / 1000
+            primary,
+            replicas,
+            background=background,
+            # One connection of its own, held while serving (only with replicas).
+            fence_engine=(
+                PrimaryEngine(create_engine(replace(settings, pool_size=1), url))
+                if replicas
+                else None
+            ),
+            wait_s=settings.replica_wait_ms / 1000,
         )
         return cls(primary=primary, read=read, background=background)
 

@@ -197,6 +197,7 @@ class Reads:
         replicas: Sequence[Replica] = (),
         *,
         background: PrimaryEngine | None = None,
+        fence_engine: PrimaryEngine | None = None,
         wait_s: float = WAIT_S,
         check_interval_s: float = CHECK_INTERVAL_S,
         max_backoff_s: float = MAX_BACKOFF_S,
@@ -208,6 +209,11 @@ class Reads:
         self._wait_s = wait_s
         self._check_interval_s = check_interval_s
         self._max_backoff_s = max_backoff_s
+        # Fences are fetched one at a time, so one connection, held, serves them all: a
+        # pool checkout per fence would cost the API as much CPU as the fetch itself.
+        # Owned (and disposed) here when given.
+        self._fence_engine = fence_engine
+        self._fence_connection: Any = None
         self.fence = Fence(self._fetch_fence)
         self.fallbacks: dict[FallbackReason, int] = dict.fromkeys(FALLBACK_REASONS, 0)
         self._next = 0
@@ -218,7 +224,19 @@ class Reads:
         self.on_probe: Callable[[Replica], None] | None = None
 
     async def _fetch_fence(self) -> int:
-        position: int = await _fetch(self.primary, FENCE_SQL)
+        pooled = self._fence_connection
+        if pooled is None or pooled.driver_connection.is_closed():
+            if pooled is not None:
+                pooled.invalidate()
+            pooled = self._fence_connection = await (
+                self._fence_engine or self.primary
+            ).raw_connection()
+        try:
+            position: int = await pooled.driver_connection.fetchval(FENCE_SQL)
+        except BaseException as exc:
+            self._fence_connection = None
+            pooled.invalidate(exc if isinstance(exc, Exception) else None)
+            raise
         return position
 
     # The read path
@@ -392,6 +410,11 @@ class Reads:
         return [replica.describe() for replica in self.replicas]
 
     async def dispose(self) -> None:
+        if self._fence_connection is not None:
+            self._fence_connection.close()
+            self._fence_connection = None
+        if self._fence_engine is not None:
+            await self._fence_engine.dispose()
         for replica in self.replicas:
             await replica.engine.dispose()
 
