@@ -146,6 +146,26 @@ async def test_partner_key_cannot_use_another_partner(
         )
 
 
+async def test_a_partner_key_learns_nothing_of_organizations_outside_its_scope(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """Whatever partner it asks for, an organization of another partner answers exactly
+    like an id never seen: the partner is judged before the organization is looked up."""
+    mine, theirs = await make_partner(engine), await make_partner(engine)
+    key = await make_key(engine, "partner", partner_id=mine, write=True)
+    out_of_scope = await make_organization(engine, "Theirs", theirs)
+    for partner_id in ("no-such-partner", theirs, None):
+        body = {"name": "x", "partner_id": partner_id}
+        answers = [
+            await client.put(
+                f"/v1/organizations/{organization_id}", json=body, headers={"X-API-Key": key}
+            )
+            for organization_id in (out_of_scope, "never-seen")
+        ]
+        assert answers[0].status_code == answers[1].status_code in (403, 404), partner_id
+        assert answers[0].content == answers[1].content, partner_id
+
+
 async def test_partner_key_cannot_touch_other_organizations(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
@@ -317,11 +337,19 @@ BAD_NAMES = [
     ("", "invalid name: String should have at least 1 character"),
     ("x" * 256, "invalid name: String should have at most 255 characters"),
     ("é" * 256, "invalid name: String should have at most 255 characters"),
-    ("a\nb", "invalid name: must not contain control characters"),
-    ("a\tb", "invalid name: must not contain control characters"),
-    ("a\x00b", "invalid name: must not contain control characters"),
-    ("a\x7fb", "invalid name: must not contain control characters"),
-    ("a\x85b", "invalid name: must not contain control characters"),
+    ("a\nb", "invalid name: must not contain control or format characters"),
+    ("a\tb", "invalid name: must not contain control or format characters"),
+    ("a\x00b", "invalid name: must not contain control or format characters"),
+    ("a\x7fb", "invalid name: must not contain control or format characters"),
+    ("a\x85b", "invalid name: must not contain control or format characters"),
+    # Format characters: a right-to-left override, zero-width ones, a byte order mark.
+    ("evil\u202egnp.exe", "invalid name: must not contain control or format characters"),
+    ("a\u200bb", "invalid name: must not contain control or format characters"),
+    ("\u200d", "invalid name: must not be blank"),
+    ("\ufeffAcme", "invalid name: must not contain control or format characters"),
+    ("a\u2028b", "invalid name: must not contain control or format characters"),
+    (" ", "invalid name: must not be blank"),
+    ("\u3000 \u00a0", "invalid name: must not be blank"),
     (None, "invalid name: Input should be a valid string"),
     (42, "invalid name: Input should be a valid string"),
 ]
@@ -486,7 +514,9 @@ async def test_body_that_is_not_a_json_object_is_400(
 ) -> None:
     answers = {}
     for content, _ in NOT_AN_OBJECT:
-        response = await client.put(path, content=content, headers={"X-API-Key": admin})
+        response = await client.put(
+            path, content=content, headers={"X-API-Key": admin, "Content-Type": "application/json"}
+        )
         answers[content] = (response.status_code, response.json())
     assert answers == {content: (400, error(message)) for content, message in NOT_AN_OBJECT}
 

@@ -6,6 +6,7 @@ and the headers the contract promises.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -234,7 +235,9 @@ async def test_read_key_on_write_route_is_403(
     client: httpx.AsyncClient, key: str, method: str, path: str
 ) -> None:
     # The permission is checked before the body is looked at: this one is not even JSON.
-    response = await client.request(method, path, content=b"{", headers={"X-API-Key": key})
+    response = await client.request(
+        method, path, content=b"{", headers={"X-API-Key": key, "Content-Type": "application/json"}
+    )
     assert_error(response, 403, "API key does not have write permission")
 
 
@@ -319,7 +322,11 @@ async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None
 async def test_body_over_one_mib_is_413(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
     key = await make_key(engine, write=True)
     body = b"{" + b" " * (1024 * 1024) + b"}"
-    response = await client.post("/v1/usage/events", content=body, headers={"X-API-Key": key})
+    response = await client.post(
+        "/v1/usage/events",
+        content=body,
+        headers={"X-API-Key": key, "Content-Type": "application/json"},
+    )
     assert_error(response, 413, "request body too large")
 
 
@@ -333,7 +340,11 @@ async def test_streamed_body_over_one_mib_is_413(
         for _ in range(17):
             yield b" " * 65536
 
-    response = await client.post("/v1/usage/events", content=chunks(), headers={"X-API-Key": key})
+    response = await client.post(
+        "/v1/usage/events",
+        content=chunks(),
+        headers={"X-API-Key": key, "Content-Type": "application/json"},
+    )
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "request body too large")
 
@@ -344,7 +355,11 @@ async def test_body_of_exactly_one_mib_is_read(
     key = await make_key(engine, write=True)
     body = httpx.Request("POST", "/", json={"events": [event(organization_id)]}).content
     body += b" " * (1024 * 1024 - len(body))
-    response = await client.post("/v1/usage/events", content=body, headers={"X-API-Key": key})
+    response = await client.post(
+        "/v1/usage/events",
+        content=body,
+        headers={"X-API-Key": key, "Content-Type": "application/json"},
+    )
     assert response.json() == {"success": True, "accepted": 1, "duplicates": 0, "conflicts": []}
 
 
@@ -494,3 +509,96 @@ async def test_write_permission_is_checked_before_the_body(
         "/v1/usage/events", json={"events": []}, headers={"X-API-Key": key}
     )
     assert_error(response, 403, "API key does not have write permission")
+
+
+# What a client gets for requests that are not what they seem (a trailing slash, two keys,
+# a body that does not say it is JSON, an object with a key twice)
+
+
+async def test_a_trailing_slash_or_a_missing_one_is_404_never_a_redirect(
+    client: httpx.AsyncClient, key: str
+) -> None:
+    headers = {"X-API-Key": key, "Host": "evil.example"}
+    for path in (f"{USAGE}/", "/v1/users", "/v1/organizations", "/v1/usage/events/"):
+        response = await client.get(path, headers=headers)
+        assert (response.status_code, response.json()) == (404, error("not found")), path
+        assert "location" not in response.headers, path
+
+
+async def test_two_api_keys_are_refused_whichever_comes_first(
+    client: httpx.AsyncClient, key: str, organization_id: str
+) -> None:
+    two = [("X-API-Key", key), ("X-API-Key", "usk_other")]
+    for headers in (two, two[::-1]):
+        for method, path, body in (
+            ("GET", f"{USAGE}?organization_id={organization_id}", None),
+            ("PUT", "/v1/partners/p1", {"name": "P"}),
+        ):
+            response = await client.request(method, path, json=body, headers=headers)
+            assert (response.status_code, response.json()) == (
+                400,
+                error("X-API-Key header must be sent once"),
+            ), (method, headers)
+
+
+NOT_DECLARED_JSON = [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+
+
+@pytest.mark.parametrize("content_type", NOT_DECLARED_JSON)
+async def test_a_body_not_declared_as_json_is_415_and_writes_nothing(
+    client: httpx.AsyncClient, engine: AsyncEngine, content_type: str | None
+) -> None:
+    """A cross-site form (or any "simple request") cannot write: it cannot say JSON."""
+    write = await make_key(engine, write=True)
+    organization_id = await make_organization(engine)
+    headers = {"X-API-Key": write} | ({"Content-Type": content_type} if content_type else {})
+    bodies = {
+        "/v1/usage/events": {"events": [event(organization_id)]},
+        "/v1/partners/p1": {"name": "P"},
+        "/v1/organizations/o1": {"name": "O"},
+    }
+    for path, body in bodies.items():
+        method = "POST" if path == "/v1/usage/events" else "PUT"
+        content = json.dumps(body).encode()
+        response = await client.request(method, path, content=content, headers=headers)
+        assert (response.status_code, response.json()) == (
+            415,
+            error("Content-Type must be application/json"),
+        ), path
+    answer = await usage(client, write, organization_id=organization_id)
+    assert answer.json()["usage"]["sms"] == {"outbound": 0, "inbound": 0, "total": 0}
+
+
+async def test_json_with_a_charset_is_json(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    write = await make_key(engine, write=True)
+    response = await client.put(
+        "/v1/partners/p1",
+        content=b'{"name": "P"}',
+        headers={"X-API-Key": write, "Content-Type": "Application/JSON; charset=utf-8"},
+    )
+    assert (response.status_code, response.json()) == (
+        201,
+        {"success": True, "partner": {"id": "p1", "name": "P"}},
+    )
+
+
+async def test_an_object_that_repeats_a_key_is_400_and_writes_nothing(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    write = await make_key(engine, write=True)
+    mine, other = await make_organization(engine), await make_organization(engine)
+    one = json.dumps(event(other, "e1"))
+    # The last `organization_id` would win in most parsers: the event would go to `mine`.
+    repeated = one[:-1] + f', "organization_id": "{mine}"}}'
+    response = await client.post(
+        "/v1/usage/events",
+        content=f'{{"events": [{repeated}]}}'.encode(),
+        headers={"X-API-Key": write, "Content-Type": "application/json"},
+    )
+    assert (response.status_code, response.json()) == (
+        400,
+        error('request body must not repeat a key: "organization_id"'),
+    )
+    for organization_id in (mine, other):
+        answer = await usage(client, write, organization_id=organization_id)
+        assert answer.json()["usage"]["sms"]["total"] == 0

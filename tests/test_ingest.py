@@ -419,6 +419,34 @@ INVALID_EVENTS: list[tuple[dict[str, Any], str, str]] = [
 ]
 
 
+async def test_an_explicit_null_is_refused_where_leaving_the_field_out_is_fine(
+    client: httpx.AsyncClient, engine: AsyncEngine, world: World
+) -> None:
+    org = world.organization_id
+    voice = event(org, "v", type="voice", quantity=60)
+    batch = [
+        voice | {"knowledge_base": None},
+        event(org, "s") | {"seconds": None},
+        event(org, "m", type="mms") | {"knowledge_base": None},
+        voice | {"id": "v2", "segments": None},
+    ]
+    response = await post(client, world.key, batch)
+    assert (response.status_code, response.json()) == (
+        400,
+        {
+            "success": False,
+            "error": "invalid events",
+            "details": [
+                {"index": 0, "field": "knowledge_base", "error": "must not be null"},
+                {"index": 1, "field": "seconds", "error": "must not be null"},
+                {"index": 2, "field": "knowledge_base", "error": "must not be null"},
+                {"index": 3, "field": "segments", "error": "must not be null"},
+            ],
+        },
+    )
+    assert await stored(engine) == (0, 0)
+
+
 @pytest.mark.parametrize(
     ("patch", "field", "error"),
     INVALID_EVENTS,
@@ -650,7 +678,7 @@ async def test_a_body_of_exactly_1_mib_is_read(client: httpx.AsyncClient, world:
     response = await client.post(
         URL,
         content=padded(ONE_MIB, [event(world.organization_id, "a")]),
-        headers={"X-API-Key": world.key},
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
 
     assert response.json() == ok(1)
@@ -662,7 +690,7 @@ async def test_a_body_over_1_mib_is_413(
     response = await client.post(
         URL,
         content=padded(ONE_MIB + 1, [event(world.organization_id, "a")]),
-        headers={"X-API-Key": world.key},
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
 
     assert response.status_code == 413
@@ -679,7 +707,9 @@ async def test_a_streamed_body_over_1_mib_is_413(
         for start in range(0, len(body), 64 * 1024):
             yield body[start : start + 64 * 1024]
 
-    response = await client.post(URL, content=chunks(), headers={"X-API-Key": world.key})
+    response = await client.post(
+        URL, content=chunks(), headers={"X-API-Key": world.key, "Content-Type": "application/json"}
+    )
 
     assert response.request.headers.get("transfer-encoding") == "chunked"
     assert "content-length" not in response.request.headers
@@ -695,7 +725,9 @@ async def test_a_streamed_body_under_1_mib_is_read(client: httpx.AsyncClient, wo
         for start in range(0, len(body), 100_000):
             yield body[start : start + 100_000]
 
-    response = await client.post(URL, content=chunks(), headers={"X-API-Key": world.key})
+    response = await client.post(
+        URL, content=chunks(), headers={"X-API-Key": world.key, "Content-Type": "application/json"}
+    )
 
     assert response.json() == ok(1)
 

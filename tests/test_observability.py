@@ -340,16 +340,29 @@ async def test_security_headers_on_api_answers_and_errors(
         assert security_headers(response) == COMMON_HEADERS | CSP | NO_STORE
 
 
-async def test_security_headers_outside_the_api_and_no_csp_on_the_docs(
+async def test_security_headers_outside_the_api_and_the_docs_load_only_from_here(
     client: httpx.AsyncClient,
 ) -> None:
     for path in ["/healthz", "/openapi.json", "/metrics", "/nope"]:
         response = await client.get(path)
         assert security_headers(response) == COMMON_HEADERS | CSP, path
-    # Swagger UI loads its script and styles from a CDN.
+    # Swagger UI comes from the process itself (it works offline), and may load nothing else.
     docs = await client.get("/docs")
     assert docs.status_code == 200
-    assert security_headers(docs) == COMMON_HEADERS
+    assert security_headers(docs) == COMMON_HEADERS | {
+        "content-security-policy": "default-src 'self'; script-src 'self' 'unsafe-inline';"
+        " style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+    }
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert sorted(assets) == [
+        "/docs/assets/favicon.png",
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/swagger-ui.css",
+    ]
+    for asset in assets:
+        loaded = await client.get(asset)
+        assert (loaded.status_code, len(loaded.content) > 1000) == (200, True), asset
+    assert "openapi.json" in docs.text
 
 
 # /docs and /openapi.json

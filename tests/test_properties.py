@@ -334,9 +334,20 @@ def as_received(value: str) -> str:
     return unquote(quoted(value), errors="replace")
 
 
+JOINERS = {"\u200c", "\u200d", *(chr(code) for code in range(0xE0020, 0xE0080))}
+
+
 def is_valid_name(value: str) -> bool:
-    return 1 <= len(value) <= 255 and not any(
-        unicodedata.category(char) in ("Cc", "Cs") for char in value
+    """1 to 255 characters, not only white space and joiners, with no control, format (but
+    the joiners emoji and some scripts need), line or paragraph separator characters (nor
+    lone surrogates, which JSON text cannot carry through)."""
+    return (
+        1 <= len(value) <= 255
+        and not all(char.isspace() or char in JOINERS for char in value)
+        and not any(
+            unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp") and char not in JOINERS
+            for char in value
+        )
     )
 
 
@@ -432,7 +443,9 @@ async def test_any_event_is_recorded_or_rejected_with_details_and_nothing_writte
     before = await stored(engine)
 
     response = await client.post(
-        EVENTS, content=as_json({"events": batch}), headers={"X-API-Key": world.key}
+        EVENTS,
+        content=as_json({"events": batch}),
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
 
     assert response.status_code in (200, 400), response.text
@@ -463,7 +476,9 @@ async def test_odd_values_in_every_event_field_are_rejected_with_details(
     before = await stored(engine)
 
     response = await client.post(
-        EVENTS, content=as_json({"events": batch}), headers={"X-API-Key": world.key}
+        EVENTS,
+        content=as_json({"events": batch}),
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
 
     # No value fits both `type` and `direction`: every batch has a bad event.
@@ -494,7 +509,9 @@ RAW_BODIES = [
 async def test_any_body_that_is_not_a_batch_is_a_clean_400(
     client: httpx.AsyncClient, engine: AsyncEngine, world: World, body: bytes
 ) -> None:
-    response = await client.post(EVENTS, content=body, headers={"X-API-Key": world.key})
+    response = await client.post(
+        EVENTS, content=body, headers={"X-API-Key": world.key, "Content-Type": "application/json"}
+    )
 
     assert response.status_code == 400, response.text
     assert list(response.json()) in (["success", "error"], ["success", "error", "details"])
@@ -557,7 +574,7 @@ async def test_odd_ids_in_the_path_are_a_400_or_an_upsert(
     response = await client.put(
         f"/v1/partners/{quoted(value)}",
         content=as_json({"name": "Partner"}),
-        headers={"X-API-Key": world.key},
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
     if is_contract_id(received):
         assert response.status_code in (200, 201), response.text
@@ -575,7 +592,7 @@ async def test_any_valid_name_is_kept_exactly_and_any_other_is_a_400(
     response = await client.put(
         f"/v1/organizations/{world.organization_id}",
         content=as_json({"name": name}),
-        headers={"X-API-Key": world.key},
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
     if isinstance(name, str) and is_valid_name(name):
         assert response.status_code == 200, response.text
@@ -595,7 +612,9 @@ async def test_odd_emails_are_a_clean_400_or_kept(
 ) -> None:
     body = {"organization_id": world.organization_id, "name": "John Smith", "email": email}
     response = await client.put(
-        f"/v1/users/{world.user_id}", content=as_json(body), headers={"X-API-Key": world.key}
+        f"/v1/users/{world.user_id}",
+        content=as_json(body),
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:

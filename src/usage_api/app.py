@@ -15,7 +15,7 @@ from usage_api.analytics.rollup import run_folder
 from usage_api.config import ConfigError, Settings, get_settings
 from usage_api.db import CONNECT_TIMEOUT_S, Databases
 from usage_api.directory import router as directory
-from usage_api.http import health
+from usage_api.http import docs, health
 from usage_api.http.deps import Services
 from usage_api.http.middleware import BodySizeLimit, HeadAsGet, ObservedFastAPI
 from usage_api.http.openapi import complete_openapi
@@ -52,8 +52,10 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
         version="1.0.0",
         summary="SMS and MMS segments and voice seconds, per organization and user.",
         lifespan=_lifespan,
-        docs_url="/docs" if settings.docs_enabled else None,
+        # Served by http/docs.py from the process itself, not from a CDN.
+        docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         openapi_tags=_TAGS,
     )
@@ -69,6 +71,9 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     app.include_router(ingestion)
     app.include_router(directory)
     app.include_router(health.router)
+    if settings.docs_enabled:
+        app.include_router(docs.router)
+        app.mount(docs.ASSETS, docs.assets())
     if services.telemetry is not None:
         app.include_router(health.metrics_router)
     return app

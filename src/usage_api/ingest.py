@@ -218,7 +218,7 @@ router = APIRouter(tags=["ingestion"])
     openapi_extra=request_body(UsageEventsIn),
     responses={
         200: {"model": IngestResponse},
-        **error_responses(400, 401, 403, 413, 429, 500, 503),
+        **error_responses(400, 401, 403, 413, 415, 429, 500, 503),
     },
 )
 async def post_events(

@@ -4,6 +4,7 @@ contract's key order, and the response models only describe it)."""
 
 from __future__ import annotations
 
+import sys
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -42,8 +43,39 @@ EMAIL_RULES = (
     " with a dot and a top-level domain ending in a letter, and not a special-use one"
     " (.arpa, .invalid, .local, .localhost, .onion, .test). The domain is kept in Unicode."
 )
-# Names: any characters but controls (Unicode category Cc).
-NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# Characters a name must not hold: controls (Cc), format characters (Cf: zero-width ones,
+# right-to-left overrides that make a name read as something else), line and paragraph
+# separators, and surrogates. Except the joiners that emoji sequences and some scripts
+# (Persian, Indic) need: ZWNJ, ZWJ and the tag characters of flag emoji.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_JOINERS = frozenset({0x200C, 0x200D, *range(0xE0020, 0xE0080)})
+
+
+def _not_in_names(code: int) -> bool:
+    return code not in _JOINERS and unicodedata.category(chr(code)) in _NOT_IN_NAMES
+
+
+def _excluded_ranges() -> str:
+    """What `_not_in_names` excludes, as the ranges of a regex character class."""
+    ranges: list[str] = []
+    start = None
+    for code in range(sys.maxunicode + 2):
+        excluded = code <= sys.maxunicode and _not_in_names(code)
+        if excluded and start is None:
+            start = code
+        elif not excluded and start is not None:
+            last = code - 1
+            ranges.append(_regex_char(start) + (f"-{_regex_char(last)}" if last > start else ""))
+            start = None
+    return "".join(ranges)
+
+
+def _regex_char(code: int) -> str:
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+# Names: none of what `_not_in_names` excludes (and not blank, which the pattern leaves out).
+NAME_PATTERN = f"^[^{_excluded_ranges()}]*$"
 
 
 def id_json_schema(max_length: int = 128, example: str | None = None) -> dict[str, Any]:
@@ -95,10 +127,11 @@ def error_message(error: ErrorDetails) -> str:
 
 
 def _name(value: str) -> str:
-    # Category Cc includes NUL, which PostgreSQL cannot store in text. Lone surrogates, which
-    # it cannot encode either, never get here: pydantic's strict str already rejects them.
-    if any(unicodedata.category(char) == "Cc" for char in value):
-        raise ValueError("must not contain control characters")
+    # Category Cc includes NUL, which PostgreSQL cannot store in text.
+    if any(_not_in_names(ord(char)) for char in value):
+        raise ValueError("must not contain control or format characters")
+    if all(char.isspace() or ord(char) in _JOINERS for char in value):
+        raise ValueError("must not be blank")
     return value
 
 
@@ -127,13 +160,26 @@ Name = Annotated[
     str,
     StringConstraints(min_length=1, max_length=255),
     AfterValidator(_name),
-    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255, "pattern": NAME_PATTERN}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 255,
+            "pattern": NAME_PATTERN,
+            "description": "Not blank, and without control or format characters.",
+        }
+    ),
 ]
 EventTime = Annotated[
     datetime,
     BeforeValidator(_instant),
     WithJsonSchema({"type": "string", "pattern": DATE_TIME_PATTERN}),
 ]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """The null default of a field that may be left out but not sent as null."""
+    schema.pop("default", None)
 
 
 class UsageEventIn(BaseModel):
@@ -144,15 +190,28 @@ class UsageEventIn(BaseModel):
     user_id: Id | None = Field(default=None, description="A user of the event's organization.")
     type: EventType
     direction: Direction
-    segments: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
-        default=None, description="Required for sms and mms events, not allowed for voice."
+    # None stands for "left out"; an explicit null is refused (`quantity_errors`), so the
+    # documented types are not nullable.
+    segments: Annotated[
+        Annotated[int, Field(ge=1, le=10_000)] | None,
+        WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 10_000}),
+    ] = Field(
+        default=None,
+        description="Required for sms and mms events, not allowed for voice.",
+        json_schema_extra=_no_default,
     )
-    seconds: Annotated[int, Field(ge=0, le=1_000_000)] | None = Field(
-        default=None, description="Required for voice events, not allowed for sms and mms."
+    seconds: Annotated[
+        Annotated[int, Field(ge=0, le=1_000_000)] | None,
+        WithJsonSchema({"type": "integer", "minimum": 0, "maximum": 1_000_000}),
+    ] = Field(
+        default=None,
+        description="Required for voice events, not allowed for sms and mms.",
+        json_schema_extra=_no_default,
     )
-    knowledge_base: bool | None = Field(
+    knowledge_base: Annotated[bool | None, WithJsonSchema({"type": "boolean"})] = Field(
         default=None,
         description="Voice events only: the call used knowledge-base retrieval (default false).",
+        json_schema_extra=_no_default,
     )
     occurred_at: EventTime = Field(
         description="ISO 8601 date-time (no offset means UTC), at most 5 minutes in the future."
@@ -160,7 +219,7 @@ class UsageEventIn(BaseModel):
 
     def quantity_errors(self) -> list[tuple[str, str]]:
         """(field, error) for each field that does not fit the event's type."""
-        errors = []
+        errors: list[tuple[str, str]] = []
         if self.type == "voice":
             if self.seconds is None:
                 errors.append(("seconds", "is required for voice events"))
@@ -173,6 +232,15 @@ class UsageEventIn(BaseModel):
                 errors.append(("seconds", "is only allowed for voice events"))
             if self.knowledge_base is not None:
                 errors.append(("knowledge_base", "is only allowed for voice events"))
+        # Left out means the default, but an explicit null is a mistake worth telling.
+        named = {field for field, _ in errors}
+        errors.extend(
+            (field, "must not be null")
+            for field in ("segments", "seconds", "knowledge_base")
+            if field not in named
+            and field in self.model_fields_set
+            and getattr(self, field) is None
+        )
         return errors
 
 

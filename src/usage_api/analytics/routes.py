@@ -10,7 +10,7 @@ from usage_api.analytics.schemas import UsageResponse, usage_parameters
 from usage_api.analytics.totals import read_usage
 from usage_api.auth import authenticate, presented_hash
 from usage_api.errors import ApiError, not_found
-from usage_api.http.deps import services
+from usage_api.http.deps import presented_key, services
 from usage_api.http.openapi import error_responses
 from usage_api.http.params import FastRoute
 
@@ -27,7 +27,7 @@ async def get_usage(request: Request) -> JSONResponse:
     """Usage of an organization or a user: all time, or over a date range."""
     app = services(request)
     reads = app.databases.read
-    api_key = request.headers.get("x-api-key")
+    api_key = presented_key(request)
     key_hash = presented_hash(api_key)
     try:
         query = parse_usage_query(request.query_params)

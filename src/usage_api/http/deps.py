@@ -11,6 +11,7 @@ from fastapi.security import APIKeyHeader
 from usage_api.auth import Principal, authenticate
 from usage_api.config import Settings
 from usage_api.db import Databases, PrimaryEngine
+from usage_api.errors import bad_request
 from usage_api.http.telemetry import Telemetry
 from usage_api.ratelimit import RateLimiter
 from usage_api.replicas import Reads
@@ -58,13 +59,22 @@ _API_KEY = APIKeyHeader(
 )
 
 
+def presented_key(request: Request) -> str | None:
+    """The request's `X-API-Key`; 400 when it came more than once (proxies and servers
+    disagree on which of several one would take)."""
+    keys = request.headers.getlist("x-api-key")
+    if len(keys) > 1:
+        raise bad_request("X-API-Key header must be sent once")
+    return keys[0] if keys else None
+
+
 async def _current_key(
     request: Request,
     engine: PrimaryDb,
-    x_api_key: Annotated[str | None, Security(_API_KEY)],
+    _documented: Annotated[str | None, Security(_API_KEY)],
 ) -> Principal:
     # Keys are looked up on the primary: a key created a moment ago works at once.
-    principal = await authenticate(engine, x_api_key)
+    principal = await authenticate(engine, presented_key(request))
     # For the access log, which names a key by its id only.
     request.state.key_id = principal.key_id
     return principal

@@ -22,6 +22,7 @@ _ERRORS = {
     404: "Unknown id, or one outside the key's scope",
     409: "The user belongs to another organization",
     413: "Request body too large",
+    415: "The request body is not declared as `application/json`",
     429: "The key's rate limit is spent: retry after `Retry-After` seconds",
     500: "Unexpected error (details only in the server log)",
     503: "Database unavailable or too slow: retry after `Retry-After` seconds",

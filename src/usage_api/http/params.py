@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import Response
 
-from usage_api.errors import bad_request
+from usage_api.errors import ApiError, bad_request
 from usage_api.ids import is_valid_id
 from usage_api.schemas import error_message
 
@@ -75,9 +75,20 @@ def checked_id(value: str | None, name: str) -> str | None:
 
 
 async def json_body(request: Request) -> Any:
-    """The request's body as JSON; 400 when it is not JSON."""
+    """The request's body as JSON: 415 unless it says it is JSON (so that no HTML form or
+    other cross-site "simple request" can write), 400 when it is not JSON or an object in
+    it repeats a key (which of the two a reader takes is up to the reader)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "Content-Type must be application/json")
     try:
-        return json.loads(await request.body(), parse_constant=_reject_constant)
+        return json.loads(
+            await request.body(),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_object_without_repeats,
+        )
+    except _RepeatedKey as exc:
+        raise bad_request(f"request body must not repeat a key: {exc.key}") from None
     except (ValueError, RecursionError):
         # RecursionError: nesting deep enough to exhaust the parser's stack is not a
         # document any client means to send.
@@ -86,6 +97,23 @@ async def json_body(request: Request) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                # Quoted as JSON: a key may hold any character.
+                raise _RepeatedKey(json.dumps(key))
+            seen.add(key)
+    return result
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
