@@ -12,7 +12,8 @@ transaction that had committed on the primary when the read began. So each read:
    snapshot: replay only moves forward, so the snapshot then holds everything up to the
    fence. A connection remembers the position it last saw replayed, and skips the check
    while the fence has not moved past it (a replay position is only ever compared on
-   the connection that observed it: a restarted standby gets new connections);
+   the connection that observed it: a restarted standby gets new connections). A
+   replica just behind is given a few milliseconds (`USAGE_API_REPLICA_WAIT_MS`);
 3. runs the read there; or, when no replica is healthy, the replica is behind the
    fence, or it fails, runs the read on the primary. That is a *fallback*: counted by
    its reason, never an error, never stale.
