@@ -192,7 +192,10 @@ async def test_a_fence_fetched_before_a_read_began_is_not_used_by_it(
 async def replicated_app(
     pair: tuple[str, Standby], settings: Settings, standby: Standby
 ) -> AsyncIterator[FastAPI]:
-    app = create_app(replace(settings, database_read_urls=(standby.url,)), pair[0])
+    # A generous wait: on a busy machine a replica may take more than the default 10 ms
+    # to replay the rate limit's bookkeeping, and these tests want to see it serve.
+    replicated = replace(settings, database_read_urls=(standby.url,), replica_wait_ms=1000)
+    app = create_app(replicated, pair[0])
     async with app.router.lifespan_context(app):
         yield app
     engine = create_engine(settings, pair[0])
