@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 from alembic import command
 from fastapi import FastAPI
-from tests.conftest import alembic_config
-from tests.factories import event, make_key, make_organization
+from tests.support.database import alembic_config
+from tests.support.factories import event, make_key, make_organization
 from tests.support.replica import Standby, psql, replicated_postgres
 
 from usage_api.analytics.rollup import fold_all

@@ -10,8 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.factories import sigkill_postmaster
+from tests.support.servers import sigkill_postmaster
 from usage_api.embedded import EmbeddedPostgres, default_data_dir
+
+pytestmark = pytest.mark.slow
 
 
 def _query(url: str, *statements: str) -> Any:

@@ -23,9 +23,11 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tests.conftest import ROOT, TABLES, alembic_config
-from tests.factories import event, make_key, make_organization, serving
+from tests.conftest import TABLES
+from tests.support.database import ROOT, alembic_config
+from tests.support.factories import event, make_key, make_organization
 from tests.support.replica import Standby, psql, replicated_postgres
+from tests.support.servers import serving
 from usage_api.app import create_app
 from usage_api.auth import hash_key
 from usage_api.config import Settings

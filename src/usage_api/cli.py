@@ -175,6 +175,9 @@ def demo_command() -> None:
     typer.echo(key)
 
 
+# A key's rate limit is a PostgreSQL integer.
+_MAX_RATE_LIMIT = 2**31 - 1
+
 _DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
 
 
@@ -205,9 +208,17 @@ def keys_create(
     expires_in: Annotated[
         str | None, typer.Option(help="Lifetime, e.g. 90d, 12h or 30m; none: until revoked.")
     ] = None,
+    rate_limit: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=_MAX_RATE_LIMIT,
+            help="Requests per window for this key (0: unlimited); none: USAGE_API_RATE_LIMIT.",
+        ),
+    ] = None,
 ) -> None:
     """Create a key and print it (it is shown only this once)."""
-    from usage_api.auth import create_key
+    from usage_api.keys import create_key
 
     expires_at = _expiry(expires_in)
 
@@ -227,6 +238,7 @@ def keys_create(
             can_write=write,
             name=name,
             expires_at=expires_at,
+            rate_limit=rate_limit,
         )
 
     with database() as url:
@@ -251,9 +263,9 @@ def keys_rotate(
         typer.Option(help="Lifetime of the new key, e.g. 90d; none: until revoked."),
     ] = None,
 ) -> None:
-    """Replace a key: print a new one with the same scope and permission; the old one
-    keeps working for the grace period, so that clients can switch without a gap."""
-    from usage_api.auth import rotate_key
+    """Replace a key: print a new one with the same scope, permission and rate limit; the
+    old one keeps working for the grace period, so that clients can switch without a gap."""
+    from usage_api.keys import rotate_key
 
     grace_period = parse_duration(grace, "--grace")
     expires_at = _expiry(expires_in)
@@ -279,9 +291,9 @@ def keys_rotate(
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (never the keys themselves), a line each: id, prefix, scope, target,
-    permission, state, expiry, last use (to the minute), name; tab-separated."""
-    from usage_api.auth import list_keys
+    permission, state, expiry, last use (to the minute), rate limit, name; tab-separated."""
     from usage_api.dates import utc_now
+    from usage_api.keys import list_keys
 
     with database() as url:
         migrate_to_head(url)
@@ -298,7 +310,8 @@ def keys_list() -> None:
             state = "active"
         typer.echo(
             f"{key.id}\t{key.prefix}…\t{key.scope}\t{target}\t{permission}\t{state}"
-            f"\t{_when(key.expires_at, '-')}\t{_when(key.last_used_at, 'never')}\t{key.name or ''}"
+            f"\t{_when(key.expires_at, '-')}\t{_when(key.last_used_at, 'never')}"
+            f"\t{_rate_limit(key.rate_limit)}\t{key.name or ''}"
         )
 
 
@@ -306,10 +319,56 @@ def _when(moment: datetime | None, absent: str) -> str:
     return moment.isoformat(timespec="seconds") if moment is not None else absent
 
 
+def _rate_limit(limit: int | None) -> str:
+    """`default` (USAGE_API_RATE_LIMIT of the serving process), `unlimited`, or the number."""
+    if limit is None:
+        return "default"
+    return "unlimited" if limit == 0 else str(limit)
+
+
+def _parse_rate_limit(text: str) -> int | None:
+    if text == "default":
+        return None
+    if not text.isdigit() or int(text) > _MAX_RATE_LIMIT:
+        raise typer.BadParameter(
+            f"must be a whole number from 0 (unlimited) to {_MAX_RATE_LIMIT}, or default",
+            param_hint="LIMIT",
+        )
+    return int(text)
+
+
+@keys_app.command("set-limit")
+def keys_set_limit(
+    key_id: str,
+    limit: Annotated[
+        str,
+        typer.Argument(
+            metavar="LIMIT",
+            help="Requests per window (0: unlimited), or default for USAGE_API_RATE_LIMIT.",
+        ),
+    ],
+) -> None:
+    """Set a key's rate limit; every server applies it from its next sync (100 ms)."""
+    from usage_api.keys import set_limit
+
+    rate_limit = _parse_rate_limit(limit)
+
+    async def work(conn: AsyncConnection) -> bool:
+        return await set_limit(conn, key_id, rate_limit)
+
+    with database() as url:
+        migrate_to_head(url)
+        found = _in_transaction(url, work)
+    if not found:
+        _say(f"no key with id {key_id}")
+        raise typer.Exit(1)
+    _say(f"Key {key_id} now has the rate limit {_rate_limit(rate_limit)}.")
+
+
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id; it is rejected from then on."""
-    from usage_api.auth import revoke_key
+    from usage_api.keys import revoke_key
 
     async def work(conn: AsyncConnection) -> bool:
         return await revoke_key(conn, key_id)
