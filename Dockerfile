@@ -5,7 +5,8 @@
 #   docker build -t usage-api .
 #   docker run --rm -e DATABASE_URL=postgresql://user:pass@host:5432/usage_api -p 8000:8000 usage-api
 #
-# The image never starts an embedded PostgreSQL: DATABASE_URL must always be set.
+# The image never starts an embedded PostgreSQL: DATABASE_URL must always be set
+# (USAGE_API_EMBEDDED_DATABASE=false below makes every command refuse, in one line, without it).
 # See docker-compose.yml for a full stack (db + migrate + api, optional demo).
 
 # Both stages use the same base so the venv's interpreter path (/usr/local/bin/python3)
@@ -41,14 +42,14 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # 2) The project itself, installed as a regular (non-editable) wheel so the
 #    runtime stage needs no source tree.
-COPY README.md alembic.ini ./
-COPY migrations/ ./migrations/
+# The migrations are part of the package (src/usage_api/migrations).
+COPY README.md ./
 COPY src/ ./src/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
 
 # --------------------------------------------------------------------------
-# Runtime: venv + Alembic config only, non-root
+# Runtime: the venv only, non-root
 # --------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm AS runtime
 
@@ -62,14 +63,14 @@ WORKDIR /app
 
 # Owned by root and read-only for the app user: nothing here is written at run time.
 COPY --from=builder /app/.venv /app/.venv
-# `usage-api migrate` (and `serve`) read ./alembic.ini from the working directory.
-COPY --from=builder /app/alembic.ini /app/alembic.ini
-COPY --from=builder /app/migrations /app/migrations
 
+# USAGE_API_EMBEDDED_DATABASE=false: in a container the embedded PostgreSQL would keep its
+# data in the container's own layer, lost with it; a missing DATABASE_URL is a mistake.
 ENV PATH="/app/.venv/bin:$PATH" \
     VIRTUAL_ENV=/app/.venv \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    USAGE_API_EMBEDDED_DATABASE=false
 
 USER 10001:10001
 

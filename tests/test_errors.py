@@ -289,9 +289,10 @@ WRONG_METHODS = [
     ("PUT", USAGE, "GET, HEAD"),
     ("GET", "/v1/usage/events", "POST"),
     ("PATCH", "/v1/usage/events", "POST"),
-    ("GET", "/v1/partners/p1", "PUT"),
-    ("POST", "/v1/organizations/o1", "PUT"),
-    ("DELETE", "/v1/users/u1", "PUT"),
+    ("PATCH", "/v1/partners/p1", "GET, HEAD, PUT"),
+    ("POST", "/v1/organizations/o1", "GET, HEAD, PUT"),
+    ("DELETE", "/v1/users/u1", "GET, HEAD, PUT"),
+    ("POST", "/v1/organizations", "GET, HEAD"),
     ("POST", "/healthz", "GET, HEAD"),
 ]
 
@@ -481,7 +482,12 @@ async def test_a_trailing_slash_or_a_missing_one_is_404_never_a_redirect(
     client: httpx.AsyncClient, key: str
 ) -> None:
     headers = {"X-API-Key": key, "Host": "evil.example"}
-    for path in (f"{USAGE}/", "/v1/users", "/v1/organizations", "/v1/usage/events/"):
+    for path in (
+        f"{USAGE}/",
+        f"{USAGE}/breakdown/",
+        "/v1/partners",
+        "/v1/usage/events/",
+    ):
         response = await client.get(path, headers=headers)
         assert (response.status_code, response.json()) == (404, error("not found")), path
         assert "location" not in response.headers, path

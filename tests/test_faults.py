@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -47,12 +50,15 @@ pytestmark = pytest.mark.own_database
 
 
 @pytest.fixture(scope="module")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    db = Database(tmp_path_factory.mktemp("faults") / "pgdata")
-    try:
-        yield db
-    finally:
-        db.close()
+def database() -> Iterator[Database]:
+    # Not under pytest's 0700 directories: as root the server runs as another account.
+    with tempfile.TemporaryDirectory(prefix="usage-api-faults-") as tmp:
+        os.chmod(tmp, 0o755)
+        db = Database(Path(tmp) / "pgdata")
+        try:
+            yield db
+        finally:
+            db.close()
 
 
 @pytest.fixture(scope="module")

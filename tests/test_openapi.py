@@ -37,14 +37,18 @@ from usage_api.schemas import EXAMPLE_ORGANIZATION_ID, EXAMPLE_USER_ID, Organiza
 # optional parameters is required, a date must exist and a range must not be empty (GET
 # usage); an event's organization and user must exist, its quantity fit its type and its
 # time not lie ahead (POST events); an email's domain must be able to receive mail (PUT
-# users; the field's description says which); a name must not be blank (every PUT).
-# Everywhere else valid data is accepted.
+# users; the field's description says which); a name must not be blank (every PUT);
+# `group_by` must fit the ids given and a cursor must come from the same query or list
+# (GET breakdown, directory lists). Everywhere else valid data is accepted.
 SCHEMA_CANNOT_SAY = (
     "/v1/analytics/usage",
+    "/v1/analytics/usage/breakdown",
     "/v1/usage/events",
     "/v1/users/{user_id}",
     "/v1/partners/{partner_id}",
     "/v1/organizations/{organization_id}",
+    "/v1/organizations",
+    "/v1/users",
 )
 
 

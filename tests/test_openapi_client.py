@@ -27,9 +27,18 @@ from usage_api.db import transact
 pytestmark = pytest.mark.slow
 
 OPERATIONS = {
-    "analytics": {"get_usage"},
+    "analytics": {"get_usage", "get_usage_breakdown"},
     "ingestion": {"post_events"},
-    "directory": {"put_partner", "put_organization", "put_user"},
+    "directory": {
+        "put_partner",
+        "put_organization",
+        "put_user",
+        "get_partner",
+        "get_organization",
+        "get_user",
+        "list_organizations",
+        "list_users",
+    },
     "operations": {"get_health", "get_readiness"},
 }
 

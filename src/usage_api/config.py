@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,19 @@ def _urls(name: str) -> tuple[str, ...]:
     return tuple(url.strip() for url in os.environ.get(name, "").split(",") if url.strip())
 
 
+def _data_dir() -> Path:
+    """The embedded database's data directory: USAGE_API_DATA_DIR, else a per-user default."""
+    if explicit := os.environ.get("USAGE_API_DATA_DIR"):
+        return Path(explicit).expanduser()
+    if os.geteuid() == 0:
+        # Root's server runs as an unprivileged account, which could not enter /root (0700):
+        # a system location it can reach, rather than opening up root's home for it.
+        return Path("/var/lib/usage-api/postgres")
+    # Per the XDG spec an empty XDG_DATA_HOME counts as unset.
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "usage-api" / "postgres"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -52,6 +66,10 @@ class Settings:
     log_level: str
     # Where worker processes share their metrics (`serve --workers N` sets it).
     metrics_dir: str | None
+    # The embedded database (used without DATABASE_URL): where, and whether it may run at all
+    # (the container image turns it off: there, a missing DATABASE_URL is a mistake).
+    data_dir: Path
+    embedded_database: bool
     # Streaming replicas of database_url that serve reads (docs/scaling.md), and how long
     # a read waits for one to catch up before the primary answers it.
     database_read_urls: tuple[str, ...]
@@ -73,6 +91,8 @@ class Settings:
             metrics_enabled=_bool("USAGE_API_METRICS", True),
             log_level=os.environ.get("USAGE_API_LOG_LEVEL", "info"),
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+            data_dir=_data_dir(),
+            embedded_database=_bool("USAGE_API_EMBEDDED_DATABASE", True),
             database_read_urls=_urls("DATABASE_READ_URLS"),
             replica_wait_ms=_int("USAGE_API_REPLICA_WAIT_MS", 10),
         )

@@ -1,4 +1,5 @@
-"""The directory: `PUT` upserts of partners, organizations and users, inside a key's scope.
+"""The directory: `PUT` upserts of partners, organizations and users, inside a key's scope,
+and their reads (`GET` one, lists of organizations and users in pages by id).
 
 What a key may not see reads as unknown (404), as everywhere. A partner key creates and
 updates organizations of its own partner; an organization key may only rename its own
@@ -9,28 +10,32 @@ partner of a partner key, none for an admin key).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from usage_api.analytics.breakdown import page_cursor, parse_limit, read_page_cursor
 from usage_api.auth import Principal
 from usage_api.db import transact
 from usage_api.errors import ApiError, not_found
-from usage_api.http.deps import CurrentKey, PrimaryDb
-from usage_api.http.openapi import request_body, upsert_responses
-from usage_api.http.params import checked_id, parse_body
+from usage_api.http.deps import CurrentKey, PrimaryDb, ReadDb
+from usage_api.http.openapi import error_responses, request_body, upsert_responses
+from usage_api.http.params import blank_as_none, checked_id, parse_body
 from usage_api.schemas import (
+    ClosedModel,
     OrganizationIdPath,
     OrganizationIn,
+    OrganizationOut,
     OrganizationResponse,
     PartnerIdPath,
     PartnerIn,
     PartnerResponse,
     UserIdPath,
     UserIn,
+    UserOut,
     UserResponse,
 )
 from usage_api.sql import visible_organization
@@ -225,3 +230,195 @@ async def put_user_route(
     body = await parse_body(request, UserIn)
     created, entity = await transact(engine, put_user, principal, user_id, body)
     return _upserted("user", created, entity)
+
+
+# -- reads (any key, inside its scope) -----------------------------------------------------
+
+_PARTNER_READ = text("""
+SELECT p.id, p.name FROM partners p
+WHERE p.id = :id AND (:scope = 'admin' OR p.id = :scope_partner_id)
+""")
+_ORGANIZATION_READ = text(f"""
+SELECT o.id, o.name, o.partner_id FROM organizations o WHERE o.id = :id AND {_IN_SCOPE}
+""")
+_USER_READ = text(f"""
+SELECT u.id, u.organization_id, u.name, u.email FROM users u
+JOIN organizations o ON o.id = u.organization_id
+WHERE u.id = :id AND {_IN_SCOPE}
+""")
+_ORGANIZATIONS = text(f"""
+SELECT o.id, o.name, o.partner_id FROM organizations o
+WHERE {_IN_SCOPE} AND (CAST(:partner_id AS text) IS NULL OR o.partner_id = :partner_id)
+  AND o.id > :after
+ORDER BY o.id LIMIT :limit
+""")
+_USERS = text(f"""
+SELECT u.id, u.organization_id, u.name, u.email FROM users u
+JOIN organizations o ON o.id = u.organization_id
+WHERE {_IN_SCOPE}
+  AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+  AND u.id > :after
+ORDER BY u.id LIMIT :limit
+""")
+
+
+async def _one(conn: AsyncConnection, statement: Any, principal: Principal, id: str) -> Any:
+    return (await conn.execute(statement, {"id": id, **principal.scope_params()})).first()
+
+
+async def get_entity(
+    conn: AsyncConnection, principal: Principal, kind: str, id: str
+) -> dict[str, Any]:
+    """One partner, organization or user as its upsert answers it; 404 outside the scope."""
+    statement = {"partner": _PARTNER_READ, "organization": _ORGANIZATION_READ}.get(kind, _USER_READ)
+    row = await _one(conn, statement, principal, id)
+    if row is None:
+        raise not_found(kind)
+    return dict(row._mapping)
+
+
+async def list_entities(
+    conn: AsyncConnection,
+    principal: Principal,
+    kind: str,
+    parent: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of the organizations (of a partner) or users (of an organization) the key
+    may see, by id; the filter names something in scope or it is a 404."""
+    parent_kind = "partner" if kind == "organization" else "organization"
+    binding = f"{kind}:{parent or ''}"
+    after = read_page_cursor(cursor, binding) if cursor is not None else ""
+    if parent is not None:
+        await get_entity(conn, principal, parent_kind, parent)
+    statement = _ORGANIZATIONS if kind == "organization" else _USERS
+    params = {f"{parent_kind}_id": parent, "after": after, "limit": limit + 1}
+    rows = [
+        dict(r._mapping)
+        for r in await conn.execute(statement, {**params, **principal.scope_params()})
+    ]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, page_cursor(rows[-1]["id"], binding) if more else None
+
+
+def _entity_answer(kind: str, entity: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"success": True, kind: entity})
+
+
+@router.get(
+    "/v1/partners/{partner_id:id}",
+    operation_id="getPartner",
+    responses={200: {"model": PartnerResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
+)
+async def get_partner_route(
+    engine: ReadDb, principal: CurrentKey, partner_id: PartnerIdPath
+) -> JSONResponse:
+    """One partner (admin keys, or the partner's own)."""
+    checked_id(partner_id, "partner_id")
+    entity = await engine.run(get_entity, principal, "partner", partner_id)
+    return _entity_answer("partner", entity)
+
+
+@router.get(
+    "/v1/organizations/{organization_id:id}",
+    operation_id="getOrganization",
+    responses={
+        200: {"model": OrganizationResponse},
+        **error_responses(400, 401, 404, 429, 500, 503),
+    },
+)
+async def get_organization_route(
+    engine: ReadDb, principal: CurrentKey, organization_id: OrganizationIdPath
+) -> JSONResponse:
+    """One organization inside the key's scope."""
+    checked_id(organization_id, "organization_id")
+    entity = await engine.run(get_entity, principal, "organization", organization_id)
+    return _entity_answer("organization", entity)
+
+
+@router.get(
+    "/v1/users/{user_id:id}",
+    operation_id="getUser",
+    responses={200: {"model": UserResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
+)
+async def get_user_route(
+    engine: ReadDb, principal: CurrentKey, user_id: UserIdPath
+) -> JSONResponse:
+    """One user inside the key's scope."""
+    checked_id(user_id, "user_id")
+    entity = await engine.run(get_entity, principal, "user", user_id)
+    return _entity_answer("user", entity)
+
+
+class OrganizationsResponse(ClosedModel):
+    success: Literal[True]
+    organizations: list[OrganizationOut]
+    next_cursor: str | None
+
+
+class UsersResponse(ClosedModel):
+    success: Literal[True]
+    users: list[UserOut]
+    next_cursor: str | None
+
+
+_LIMIT = Query(
+    description="Rows a page, 1 to 1000 (default 100).",
+    json_schema_extra={"type": "integer", "minimum": 1, "maximum": 1000},
+)
+_CURSOR = Query(description="The previous page's `next_cursor`.", max_length=2048)
+
+
+@router.get(
+    "/v1/organizations",
+    operation_id="listOrganizations",
+    responses={
+        200: {"model": OrganizationsResponse},
+        **error_responses(400, 401, 404, 429, 500, 503),
+    },
+)
+async def list_organizations_route(
+    engine: ReadDb,
+    principal: CurrentKey,
+    partner_id: Annotated[str | None, Query(description="Only this partner's.")] = None,
+    limit: Annotated[str | None, _LIMIT] = None,
+    cursor: Annotated[str | None, _CURSOR] = None,
+) -> JSONResponse:
+    """The organizations the key may see, by id, in pages."""
+    partner_id = checked_id(blank_as_none(partner_id), "partner_id")
+    rows, next_cursor = await engine.run(
+        list_entities,
+        principal,
+        "organization",
+        partner_id,
+        parse_limit(limit),
+        blank_as_none(cursor),
+    )
+    return JSONResponse({"success": True, "organizations": rows, "next_cursor": next_cursor})
+
+
+@router.get(
+    "/v1/users",
+    operation_id="listUsers",
+    responses={200: {"model": UsersResponse}, **error_responses(400, 401, 404, 429, 500, 503)},
+)
+async def list_users_route(
+    engine: ReadDb,
+    principal: CurrentKey,
+    organization_id: Annotated[str | None, Query(description="Only this organization's.")] = None,
+    limit: Annotated[str | None, _LIMIT] = None,
+    cursor: Annotated[str | None, _CURSOR] = None,
+) -> JSONResponse:
+    """The users the key may see, by id, in pages."""
+    organization_id = checked_id(blank_as_none(organization_id), "organization_id")
+    rows, next_cursor = await engine.run(
+        list_entities,
+        principal,
+        "user",
+        organization_id,
+        parse_limit(limit),
+        blank_as_none(cursor),
+    )
+    return JSONResponse({"success": True, "users": rows, "next_cursor": next_cursor})

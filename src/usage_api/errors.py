@@ -11,7 +11,7 @@ and Starlette's own 404/405/validation errors, as `{"success": false, "error": .
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 log = logging.getLogger("usage_api")
 
@@ -117,13 +118,37 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.message, details=exc.details, headers=exc.headers)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     messages = {404: "not found", 405: "method not allowed"}
     message = messages.get(
         exc.status_code, "bad request" if exc.status_code < 500 else "internal error"
     )
-    return error_response(exc.status_code, message, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route of the path only; a path with a
+        # GET and a PUT route allows both.
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed(request))}
+    return error_response(exc.status_code, message, headers=headers)
+
+
+def _routes(routes: Iterable[Any]) -> Iterator[Any]:
+    # Included routers (no prefix here) hold their routes in `original_router`.
+    for route in routes:
+        original = getattr(route, "original_router", None)
+        if original is not None:
+            yield from _routes(original.routes)
+        else:
+            yield route
+
+
+def _allowed(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        match, _ = route.matches({**request.scope, "method": ""})
+        if match == Match.PARTIAL and isinstance(route, Route) and route.methods:
+            methods |= route.methods - {"HEAD"}
+    return sorted(methods)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -130,6 +130,7 @@ def main() -> None:
         up_s=args.up,
     )
     with tempfile.TemporaryDirectory(prefix="usage-api-faults-") as tmp:
+        os.chmod(tmp, 0o755)  # as root the server runs as another account
         # Migrating runs an event loop of its own: before ours.
         database = Database(Path(tmp) / "pgdata")
         try:

@@ -55,6 +55,10 @@ _RANGE_PARTS = f"""
     WHERE {{events}} AND hour_at >= :first_hour AND hour_at < :last_hour
 """
 
+# With `partner_id` too, the organization must be one of the partner's.
+IN_PARTNER = "(CAST(:partner_id AS text) IS NULL OR o.partner_id = :partner_id)"
+PARTNER_VISIBLE = "(k.scope = 'admin' OR k.partner_id = p.id)"
+
 # No row: the key is unknown, revoked or expired. A row with a NULL `id`: the entity is
 # unknown or outside the key's scope, which must read the same.
 _ORGANIZATION = f"""
@@ -62,7 +66,7 @@ WITH k AS ({KEY_LOOKUP})
 SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     SELECT o.id, o.name, m.* FROM organizations o
     CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE o.id = :organization_id AND {visible_to_key()}
+    WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}
 ) e ON true
 """
 
@@ -74,31 +78,58 @@ SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
     WHERE u.id = :user_id AND {visible_to_key()}
       AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
+      AND {IN_PARTNER}
 ) e ON true
 """
+
+# A partner's usage is its organizations' of now: every part selects their rows at once.
+_PARTNER = f"""
+WITH k AS ({KEY_LOOKUP})
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT p.id, p.name, m.* FROM partners p
+    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
+    WHERE p.id = :partner_id AND {PARTNER_VISIBLE}
+) e ON true
+"""
+PARTNER_EVENTS = (
+    "organization_id = ANY(ARRAY(SELECT po.id FROM organizations po WHERE po.partner_id = p.id))"
+)
+ENTITY_ROWS = {
+    "user": ("organization_id = u.organization_id AND user_id = u.id",) * 2,
+    "organization": ("organization_id = o.id", "organization_id = o.id AND user_id = ''"),
+    "partner": (PARTNER_EVENTS, f"{PARTNER_EVENTS} AND user_id = ''"),
+}
+_PARTNER_VISIBLE = f"""
+WITH k AS ({KEY_LOOKUP})
+SELECT EXISTS (SELECT FROM partners p WHERE p.id = :partner_id AND {PARTNER_VISIBLE}) FROM k
+"""
+
+
+TEMPLATES = {"user": _USER, "organization": _ORGANIZATION, "partner": _PARTNER}
 
 
 def _statement(kind: str, ranged: bool) -> Statement:
     parts = _RANGE_PARTS if ranged else _ALL_TIME_PARTS
-    if kind == "user":
-        template = _USER
-        events = "organization_id = u.organization_id AND user_id = u.id"
-        rollups = events
-    else:
-        template = _ORGANIZATION
-        events = "organization_id = o.id"
-        rollups = "organization_id = o.id AND user_id = ''"
-    return compile_named(template.format(parts=parts.format(events=events, rollups=rollups)))
+    events, rollups = ENTITY_ROWS[kind]
+    return compile_named(TEMPLATES[kind].format(parts=parts.format(events=events, rollups=rollups)))
 
 
 _STATEMENTS = {
-    (kind, ranged): _statement(kind, ranged)
-    for kind in ("organization", "user")
-    for ranged in (False, True)
+    (kind, ranged): _statement(kind, ranged) for kind in TEMPLATES for ranged in (False, True)
 }
+_PARTNER_VISIBLE_STATEMENT = compile_named(_PARTNER_VISIBLE)
 
 
-def _metrics(row: Any) -> dict[str, Any]:
+async def partner_visible(reads: Reads, key_hash: bytes, partner_id: str) -> bool:
+    """Whether the key may see the partner (for the 404 that names what was not found)."""
+    params = {"key_hash": key_hash, "partner_id": partner_id}
+    statement = _PARTNER_VISIBLE_STATEMENT
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
+    return row is not None and bool(row[0])
+
+
+def metrics_json(row: Any) -> dict[str, Any]:
+    """`sms`, `mms` and `voice` of the contract from a row (or mapping) of the six sums."""
     sms_out, sms_in, mms_out, mms_in, voice, voice_kb = (int(row[m]) for m in METRICS)
     return {
         "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
@@ -107,8 +138,29 @@ def _metrics(row: Any) -> dict[str, Any]:
     }
 
 
+def entity_json(kind: str, row: Any) -> dict[str, Any]:
+    """The head of a `usage` answer: who it is about."""
+    if kind == "user":
+        return {"user_id": row["id"], "user_name": row["name"], "user_email": row["email"]}
+    return {f"{kind}_id": row["id"], f"{kind}_name": row["name"]}
+
+
+def period_json(query: UsageQuery) -> dict[str, Any]:
+    """The tail of a `usage` answer: all time, or the range's echo (and its zone)."""
+    if query.span is None:
+        return {"period": "all_time"}
+    period = {
+        "period": "custom",
+        "start_date": query.span.start_echo,
+        "end_date": query.span.end_echo,
+    }
+    if query.timezone is not None:
+        period["timezone"] = query.timezone
+    return period
+
+
 def metrics_of(usage: dict[str, Any]) -> tuple[int, ...]:
-    """The metrics of a `usage` answer back in `METRICS` order: what `_metrics` spread out."""
+    """The metrics of a `usage` answer back in `METRICS` order: what `metrics_json` spread out."""
     sms, mms, voice = usage["sms"], usage["mms"], usage["voice"]
     return (
         sms["outbound"],
@@ -125,11 +177,12 @@ async def read_usage(
 ) -> tuple[str, dict[str, Any] | None]:
     """The id of the caller's key, and the `usage` object in the contract's key order
     (None when the organization or user is unknown or outside the key's scope)."""
-    kind = "user" if query.user_id is not None else "organization"
+    kind = query.kind
     params: dict[str, Any] = {
         "key_hash": key_hash,
         "organization_id": query.organization_id,
         "user_id": query.user_id,
+        "partner_id": query.partner_id,
     }
     if query.span is not None:
         params.update(range_params(query.span))
@@ -140,18 +193,9 @@ async def read_usage(
     if row["id"] is None:
         return row["key_id"], None
 
-    usage: dict[str, Any]
-    if kind == "user":
-        usage = {"user_id": row["id"], "user_name": row["name"], "user_email": row["email"]}
-    else:
-        usage = {"organization_id": row["id"], "organization_name": row["name"]}
-    usage.update(_metrics(row))
-    if query.span is None:
-        usage["period"] = "all_time"
-    else:
-        usage["period"] = "custom"
-        usage["start_date"] = query.span.start_echo
-        usage["end_date"] = query.span.end_echo
+    usage = entity_json(kind, row)
+    usage.update(metrics_json(row))
+    usage.update(period_json(query))
     return row["key_id"], usage
 
 

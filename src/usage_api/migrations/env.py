@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from usage_api.config import get_settings
 from usage_api.db import async_url
 from usage_api.models import Base
 
@@ -22,9 +23,9 @@ _MIGRATION_LOCK = 0x6D69677261746521
 
 
 def _url() -> str:
-    url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL")
+    url = config.attributes.get("database_url") or get_settings().database_url
     if not url:
-        raise SystemExit("DATABASE_URL is not set")
+        raise CommandError("DATABASE_URL is not set")
     return async_url(url)
 
 
