@@ -26,8 +26,6 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.totals import (
     ENTITY_ROWS,
@@ -38,8 +36,8 @@ from usage_api.analytics.totals import (
     period_json,
 )
 from usage_api.auth import invalid_key
-from usage_api.db import fetch_row
 from usage_api.models import METRICS
+from usage_api.replicas import Reads
 from usage_api.sql import (
     EVENT_SUMS,
     METRIC_COLUMNS,
@@ -290,7 +288,7 @@ def _params(p: Plan) -> dict[str, Any]:
 
 
 async def read_series(
-    engine: AsyncEngine, key_hash: bytes, query: UsageQuery
+    reads: Reads, key_hash: bytes, query: UsageQuery
 ) -> tuple[str, dict[str, Any] | None]:
     """As `totals.read_usage`, with `granularity` and `buckets`; the totals are the sums
     of the buckets, read in the same statement, so they always add up."""
@@ -308,7 +306,7 @@ async def read_series(
         **_params(p),
     }
     statement = _STATEMENTS[kind, top]
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.ranges import range_params
 from usage_api.auth import invalid_key
-from usage_api.db import fetch_row
 from usage_api.models import METRICS
+from usage_api.replicas import Reads
 from usage_api.sql import (
     EVENT_SUMS,
     KEY_LOOKUP,
@@ -130,11 +128,11 @@ _STATEMENTS = {
 _PARTNER_VISIBLE_STATEMENT = compile_named(_PARTNER_VISIBLE)
 
 
-async def partner_visible(engine: AsyncEngine, key_hash: bytes, partner_id: str) -> bool:
+async def partner_visible(reads: Reads, key_hash: bytes, partner_id: str) -> bool:
     """Whether the key may see the partner (for the 404 that names what was not found)."""
     params = {"key_hash": key_hash, "partner_id": partner_id}
     statement = _PARTNER_VISIBLE_STATEMENT
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     return row is not None and bool(row[0])
 
 
@@ -183,7 +181,7 @@ def metrics_of(usage: dict[str, Any]) -> tuple[int, ...]:
 
 
 async def read_usage(
-    engine: AsyncEngine, key_hash: bytes, query: UsageQuery
+    reads: Reads, key_hash: bytes, query: UsageQuery
 ) -> tuple[str, dict[str, Any] | None]:
     """The id of the caller's key, and the `usage` object in the contract's key order
     (None when the organization or user is unknown or outside the key's scope)."""
@@ -197,7 +195,7 @@ async def read_usage(
     if query.span is not None:
         params.update(range_params(query.span))
     statement = _STATEMENTS[kind, query.span is not None]
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.analytics.query import UsageQuery, parse_usage_query
 from usage_api.analytics.series import read_series
 from usage_api.analytics.totals import metrics_of, read_usage
@@ -20,6 +18,7 @@ from usage_api.dashboard.filters import FilterError, Filters
 from usage_api.dashboard.tenants import Member, Tenant
 from usage_api.dates import DateRange
 from usage_api.errors import ApiError
+from usage_api.replicas import Reads
 
 ZERO: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
 
@@ -43,7 +42,7 @@ def _minus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 
 
 async def _read(
-    engine: AsyncEngine, key_hash: bytes, kind: str, target_id: str, span: DateRange
+    engine: Reads, key_hash: bytes, kind: str, target_id: str, span: DateRange
 ) -> tuple[int, ...] | None:
     query = UsageQuery(
         target_id if kind == "organization" else None,
@@ -81,7 +80,7 @@ class Row:
 
 
 async def series(
-    engine: AsyncEngine,
+    engine: Reads,
     key_hash: bytes,
     tenant: Tenant,
     filters: Filters,
@@ -119,7 +118,7 @@ async def series(
 
 
 async def breakdown(
-    engine: AsyncEngine,
+    engine: Reads,
     key_hash: bytes,
     tenant: Tenant,
     members: list[Member],

@@ -31,10 +31,11 @@ from usage_api.dashboard.filters import (
 )
 from usage_api.dashboard.sessions import Session
 from usage_api.dates import utc_now
-from usage_api.db import PrimaryEngine, ReadEngine, run_autocommit, transact
+from usage_api.db import PrimaryEngine, run_autocommit, transact
 from usage_api.errors import ApiError
 from usage_api.http.deps import services
 from usage_api.ids import is_valid_id
+from usage_api.replicas import Reads
 
 PREFIX = "/dashboard"
 _STATIC_TYPES = {
@@ -93,7 +94,7 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
     return response
 
 
-def _engine(request: Request) -> ReadEngine:
+def _engine(request: Request) -> Reads:
     """Where the pages' reads go: a replica when there is a healthy one."""
     return services(request).databases.read
 
@@ -173,9 +174,7 @@ async def home(request: Request) -> Response:
     page_text = request.query_params.get("page", "1")
     page = int(page_text) if page_text.isdigit() and 0 < int(page_text) < 1_000_000 else 1
     try:
-        partners, organizations, pages = await run_autocommit(
-            _engine(request), tenants.admin_lists, page
-        )
+        partners, organizations, pages = await _engine(request).run(tenants.admin_lists, page)
     except ApiError as exc:
         return _unavailable(request, exc)
     return _page(
@@ -287,7 +286,7 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
     principal = session.principal
     tenant = None
     if is_valid_id(tenant_id):
-        tenant = await run_autocommit(engine, _FINDERS[kind], principal, tenant_id)
+        tenant = await engine.run(_FINDERS[kind], principal, tenant_id)
     if tenant is None:
         return _message(
             request,
@@ -306,7 +305,7 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         utc = f"{view_path}?{urlencode({**params, 'tz': 'UTC'})}"
         return _page(request, "choose_zone.html", **base, utc_url=utc)
     now = utc_now()
-    members = await run_autocommit(engine, tenants.members, principal, tenant)
+    members = await engine.run(tenants.members, principal, tenant)
     try:
         filters = parse_filters(params, tz, now)
         answer = await figures.series(engine, session.key_hash, tenant, filters)
