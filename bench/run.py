@@ -29,9 +29,9 @@ from bench.servers import (
     server_settings,
     serving,
 )
-from usage_api.auth import create_key
 from usage_api.config import Settings
 from usage_api.db import create_engine, transact
+from usage_api.keys import create_key
 
 SCENARIOS = ("pgbench", "ranges", "exactness", "counters", "ingestion")
 BENCH = Path(__file__).resolve().parent

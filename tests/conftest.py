@@ -4,6 +4,15 @@ The database is `TEST_DATABASE_URL` when set (it is reset: every table is droppe
 migrated again), else an embedded server started for this run. The app runs in-process
 behind httpx's ASGI transport, with its lifespan, and with the background fold off so
 that each test decides when deltas are folded.
+
+Markers (`--strict-markers`: a marker not registered here or in pyproject.toml is an error):
+- `slow` (pyproject.toml): the test starts processes or servers, or runs long properties;
+  `pytest -m "not slow"` runs the rest.
+- `own_database` (registered below): the test brings a database of its own, so the clean
+  slate of `clean_database` does not apply to it, and the session database is not even
+  started for it.
+
+Shared fixtures live in `tests.support.apps` and are loaded as a plugin here.
 """
 
 from __future__ import annotations
@@ -17,26 +26,27 @@ from pathlib import Path
 import httpx
 import pytest
 from alembic import command
-from alembic.config import Config
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.database import alembic_config
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import create_engine
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ("tests.support.apps",)
+
 TABLES = (
     "usage_events, usage_deltas, usage_counters, usage_hourly, usage_daily,"
     " api_key_windows, api_keys, users, organizations, partners"
 )
 
 
-def alembic_config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["database_url"] = url
-    return config
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "own_database: the test uses a database of its own (no clean slate here)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +93,15 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(autouse=True)
-async def clean_database(database_url: str, settings: Settings) -> AsyncIterator[None]:
-    """Every test starts from empty tables."""
+def clean_database(request: pytest.FixtureRequest) -> None:
+    """Every test starts from empty tables, except those marked `own_database`."""
+    if request.node.get_closest_marker("own_database") is None:
+        request.getfixturevalue("truncate_after")
+
+
+@pytest.fixture
+async def truncate_after(database_url: str, settings: Settings) -> AsyncIterator[None]:
+    """Empties every table of the session database once the test is done."""
     yield
     engine = create_engine(settings, database_url)
     try:

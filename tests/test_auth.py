@@ -11,10 +11,12 @@ Whatever a key may not see must answer byte for byte like an id that does not ex
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -23,10 +25,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
-from usage_api.auth import create_key, revoke_key
+from tests.support.factories import event, make_key, make_organization, make_partner, make_user
+from usage_api.app import create_app
+from usage_api.config import Settings
 from usage_api.dates import utc_now
 from usage_api.db import transact
+from usage_api.keys import create_key, revoke_key
 
 USAGE = "/v1/analytics/usage"
 ORGANIZATION_NOT_FOUND = b'{"success":false,"error":"organization not found"}'
@@ -106,6 +110,84 @@ async def test_revoked_and_expired_keys_are_rejected_like_unknown_ones(
     assert await answer(revoked) == unknown
     assert await answer(expired) == unknown
     assert (await answer(alive))[0] == 200
+
+
+def whole(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """Everything a client sees of an answer."""
+    return response.status_code, response.content, response.headers.multi_items()
+
+
+async def test_revoked_expired_and_unknown_keys_answer_byte_for_byte_alike(
+    database_url: str, settings: Settings
+) -> None:
+    """Status, body and every header (the request id is the client's own here), whether
+    the process met the key while it was live or not, before and after its next sync,
+    and after the key ran past its rate limit: nothing tells a dead key from one that
+    never existed, and neither is counted."""
+    app = create_app(replace(settings, rate_limit=2, rate_limit_sync_ms=3_600_000), database_url)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        engine: AsyncEngine = app.state.services.databases.primary
+        organization_id = await make_organization(engine)
+
+        async def answer(key: str) -> tuple[int, bytes, list[tuple[str, str]]]:
+            response = await client.get(
+                USAGE,
+                params={"organization_id": organization_id},
+                headers={"X-API-Key": key, "X-Request-ID": "same-for-all"},
+            )
+            return whole(response)
+
+        async def unknown() -> tuple[int, bytes, list[tuple[str, str]]]:
+            return await answer("usk_" + secrets.token_urlsafe(32))
+
+        async def kill(revoked_id: str, expired_id: str) -> None:
+            assert await transact(engine, revoke_key, revoked_id)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE api_keys SET expires_at = now() - interval '1 ms' WHERE id = :id"),
+                    {"id": expired_id},
+                )
+
+        never_existed = await unknown()
+        assert never_existed[:2] == (401, INVALID_KEY)
+        assert not any(name.startswith("ratelimit") for name, _ in never_existed[2])
+
+        # Dead before this process ever met them.
+        (revoked_id, revoked), (expired_id, expired) = await new_key(engine), await new_key(engine)
+        await kill(revoked_id, expired_id)
+        assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
+
+        # Met while live, then dead: before the next sync (the routes answer), and after
+        # it (the rate limiter does).
+        (revoked_id, revoked), (expired_id, expired) = await new_key(engine), await new_key(engine)
+        assert [(await answer(key))[0] for key in (revoked, expired)] == [200, 200]
+        await kill(revoked_id, expired_id)
+        assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
+        await app.state.services.limiter.sync(engine)
+        assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
+        assert await unknown() == never_existed
+
+        # Past the limit (2), then dead: no 429 once the limiter knows.
+        (revoked_id, revoked), (expired_id, expired) = await new_key(engine), await new_key(engine)
+        for key in (revoked, expired):
+            assert [(await answer(key))[0] for _ in range(3)] == [200, 200, 429]
+        await kill(revoked_id, expired_id)
+        await app.state.services.limiter.sync(engine)
+        assert [await answer(revoked), await answer(expired)] == [never_existed] * 2
+
+        # A key that expires on its own: from that instant, without waiting for a sync.
+        _, expiring = await new_key(engine, expires_at=utc_now() + timedelta(seconds=1))
+        assert [(await answer(expiring))[0] for _ in range(3)] == [200, 200, 429]
+        await asyncio.sleep(1.1)
+        assert await answer(expiring) == never_existed
+
+        # None of the dead keys' requests is in the shared counts.
+        await app.state.services.limiter.sync(engine)
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM api_key_windows")) == 0
 
 
 async def test_revoking_twice_keeps_the_first_revocation(engine: AsyncEngine) -> None:

@@ -30,13 +30,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
-from tests.factories import (
-    SEED_ORGANIZATION,
-    SEED_USER,
-    free_port,
-    make_organization,
-    make_partner,
-)
+from tests.support.answers import SEED_ORGANIZATION, SEED_USER
+from tests.support.factories import make_organization, make_partner
+from tests.support.servers import free_port
 from usage_api.cli import app
 from usage_api.config import get_settings
 from usage_api.demo import ORGANIZATION_ID, USER_ID
@@ -224,7 +220,9 @@ async def test_keys_list_shows_keys_but_never_the_keys_themselves(
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2
-    assert lines[0].split("\t")[2:] == ["admin", "-", "read", "active", "-", "never", "ops"]
+    assert lines[0].split("\t")[2:] == [
+        "admin", "-", "read", "active", "-", "never", "default", "ops"
+    ]  # fmt: skip
     assert lines[1].split("\t")[2:] == [
         "partner",
         partner_id,
@@ -232,6 +230,7 @@ async def test_keys_list_shows_keys_but_never_the_keys_themselves(
         "active",
         "-",
         "never",
+        "default",
         "",
     ]
     assert admin not in result.output
@@ -385,6 +384,7 @@ async def test_demo_is_idempotent(cli: Cli, client: httpx.AsyncClient) -> None:
     assert response.json()["usage"]["sms"] == {"outbound": 12450, "inbound": 3821, "total": 16271}
 
 
+@pytest.mark.slow
 async def test_console_script_prints_the_key_alone_on_stdout(
     database_url: str, client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:

@@ -8,25 +8,24 @@ everything that did not get a 200 then converges on exact counters.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, free_port, make_key, make_organization, make_user
-from tests.test_consistency import api_totals, assert_snapshot_consistent, log_totals, sent_totals
+from tests.support.factories import event, make_key, make_organization, make_user
+from tests.support.oracle import api_totals, assert_snapshot_consistent, log_totals, sent_totals
+from tests.support.servers import LiveServer, server_env
 from usage_api.analytics import rollup
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 CLIENTS = 6
 BATCHES_PER_CLIENT = 16
 EVENTS_PER_BATCH = 100
@@ -34,77 +33,9 @@ EVENTS_PER_BATCH = 100
 KILL_AFTER = CLIENTS * BATCHES_PER_CLIENT // 4
 
 
-def _log_file(path: Path) -> IO[bytes]:
-    return path.open("ab")
-
-
-class Server:
-    """The service as a child process, with the background fold every 50 ms."""
-
-    def __init__(self, database_url: str, port: int, log_path: Path) -> None:
-        self.database_url = database_url
-        self.port = port
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        env = {
-            **os.environ,
-            "DATABASE_URL": self.database_url,
-            "USAGE_API_ROLLUP_INTERVAL_MS": "50",
-        }
-        with _log_file(self.log_path) as log:
-            # What `usage-api serve` runs once migrations are applied (they are, by the
-            # fixtures); importing alembic too would double a start-up that the test pays twice.
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "usage_api.app:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 20
-        async with httpx.AsyncClient(base_url=self.base_url, trust_env=False) as http:
-            while True:
-                assert self.process.returncode is None, self.log()
-                try:
-                    if (await http.get("/readyz", timeout=1)).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, f"server did not start:\n{self.log()}"
-                await asyncio.sleep(0.05)
-
-    async def stop(self, sig: signal.Signals) -> None:
-        if self.process is not None and self.process.returncode is None:
-            # The server is the leader of its own session: its whole process group goes.
-            os.killpg(self.process.pid, sig)
-            await self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-
 @pytest.fixture
-async def server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
-    server = Server(database_url, free_port(), tmp_path / "server.log")
+async def server(database_url: str, tmp_path: Path) -> AsyncIterator[LiveServer]:
+    server = LiveServer(server_env(database_url), tmp_path / "server.log")
     try:
         yield server
     finally:
@@ -146,7 +77,7 @@ def _ids(batch: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 
 async def test_a_server_killed_mid_ingestion_keeps_every_acknowledged_event_once(
-    engine: AsyncEngine, server: Server
+    engine: AsyncEngine, server: LiveServer
 ) -> None:
     organizations = [await make_organization(engine, f"Org {i}") for i in range(2)]
     users = {

@@ -8,11 +8,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import make_key, make_organization, make_partner, make_user
-
-
-def error(message: str) -> dict[str, Any]:
-    return {"success": False, "error": message}
+from tests.support.answers import error
+from tests.support.factories import make_key, make_organization, make_partner, make_user
 
 
 async def put(

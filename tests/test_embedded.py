@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.factories import sigkill_postmaster
+from tests.support.servers import sigkill_postmaster
 from usage_api.config import Settings
 from usage_api.embedded import (  # POSTGRES_BIN_PATH too: ours silences the import warning
     POSTGRES_BIN_PATH,

@@ -15,21 +15,13 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_user
-from usage_api.app import create_app
-from usage_api.config import Settings
+from tests.support.answers import DATE_MESSAGE, error
+from tests.support.factories import event, make_key, make_organization, make_user
 from usage_api.dates import utc_now
 
 USAGE = "/v1/analytics/usage"
-DATE_MESSAGE = "{} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z"
-UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/nope"
-
-
-def error(message: str) -> dict[str, Any]:
-    return {"success": False, "error": message}
 
 
 def assert_error(response: httpx.Response, status: int, message: str) -> None:
@@ -366,15 +358,6 @@ async def test_body_of_exactly_one_mib_is_read(
 # 503: database unavailable
 
 
-@pytest.fixture
-async def unavailable_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, UNREACHABLE_DATABASE)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
-
-
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
@@ -410,36 +393,15 @@ async def test_readyz_answers_when_the_database_does(client: httpx.AsyncClient) 
 
 
 @pytest.fixture
-async def failing_app(database_url: str, settings: Settings) -> AsyncIterator[FastAPI]:
-    app = create_app(settings, database_url)
-
-    @app.get("/v1/boom")
-    async def boom() -> None:
-        raise RuntimeError("secret detail: password=hunter2")
-
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture
-async def failing_client(failing_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    # Should anything re-raise after the 500 was sent, a real server would still keep the
-    # response: so does this transport.
-    transport = httpx.ASGITransport(app=failing_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        yield client
-
-
-@pytest.fixture
 def error_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     with caplog.at_level(logging.ERROR, logger="usage_api"):
         yield caplog
 
 
 async def test_unexpected_error_is_500_without_details(
-    failing_client: httpx.AsyncClient, error_log: pytest.LogCaptureFixture
+    failing_client: httpx.AsyncClient, engine: AsyncEngine, error_log: pytest.LogCaptureFixture
 ) -> None:
-    response = await failing_client.get("/v1/boom")
+    response = await failing_client.get("/v1/boom", headers={"X-API-Key": await make_key(engine)})
     assert_error(response, 500, "internal error")
     assert response.content == b'{"success":false,"error":"internal error"}'
     # The details are in the server log only.

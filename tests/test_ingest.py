@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_partner, make_user
+from tests.support.answers import error, ingest_answer
+from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from usage_api.dates import utc_now
 
 URL = "/v1/usage/events"
@@ -33,15 +34,6 @@ async def post(client: httpx.AsyncClient, key: str, events: list[Any]) -> httpx.
     return await client.post(URL, json={"events": events}, headers={"X-API-Key": key})
 
 
-def ok(accepted: int, duplicates: int = 0, conflicts: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "success": True,
-        "accepted": accepted,
-        "duplicates": duplicates,
-        "conflicts": conflicts or [],
-    }
-
-
 def invalid(*details: tuple[int, str, str]) -> dict[str, Any]:
     return {
         "success": False,
@@ -50,11 +42,9 @@ def invalid(*details: tuple[int, str, str]) -> dict[str, Any]:
     }
 
 
-def bad_request(message: str) -> dict[str, Any]:
-    return {"success": False, "error": message}
-
-
-async def usage(client: httpx.AsyncClient, key: str, **params: str) -> dict[str, dict[str, int]]:
+async def usage_metrics(
+    client: httpx.AsyncClient, key: str, **params: str
+) -> dict[str, dict[str, int]]:
     """The sms/mms/voice part of an all-time read."""
     response = await client.get("/v1/analytics/usage", params=params, headers={"X-API-Key": key})
     assert response.status_code == 200, response.text
@@ -108,8 +98,8 @@ async def test_a_batch_is_accepted_and_counted(client: httpx.AsyncClient, world:
         ],
     )
     assert response.status_code == 200
-    assert response.json() == ok(5)
-    assert await usage(client, world.key, organization_id=org) == {
+    assert response.json() == ingest_answer(5)
+    assert await usage_metrics(client, world.key, organization_id=org) == {
         "sms": {"outbound": 2, "inbound": 3, "total": 5},
         "mms": {"outbound": 4, "inbound": 0, "total": 4},
         "voice": {"seconds": 60, "kb_seconds": 125, "total_seconds": 185},
@@ -121,13 +111,13 @@ async def test_a_retried_batch_is_all_duplicates(
 ) -> None:
     org = world.organization_id
     batch = [event(org, f"e{i}", quantity=i + 1, user_id=world.user_id) for i in range(5)]
-    assert (await post(client, world.key, batch)).json() == ok(5)
+    assert (await post(client, world.key, batch)).json() == ingest_answer(5)
 
     response = await post(client, world.key, batch)
 
     assert response.status_code == 200
-    assert response.json() == ok(0, duplicates=5)
-    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 15
+    assert response.json() == ingest_answer(0, duplicates=5)
+    assert (await usage_metrics(client, world.key, organization_id=org))["sms"]["outbound"] == 15
     assert (await stored(engine))[0] == 5
 
 
@@ -147,9 +137,9 @@ async def test_same_id_with_other_content_is_a_conflict_and_the_rest_applies(
     )
 
     assert response.status_code == 200
-    assert response.json() == ok(1, conflicts=["call_77a1"])
+    assert response.json() == ingest_answer(1, conflicts=["call_77a1"])
     # The conflicting event changed nothing: the first recording stands.
-    assert await usage(client, world.key, organization_id=org) == {
+    assert await usage_metrics(client, world.key, organization_id=org) == {
         "sms": {"outbound": 2, "inbound": 0, "total": 2},
         "mms": {"outbound": 0, "inbound": 0, "total": 0},
         "voice": {"seconds": 100, "kb_seconds": 0, "total_seconds": 100},
@@ -173,7 +163,7 @@ async def test_duplicates_and_conflicts_in_one_answer(
         ],
     )
 
-    assert response.json() == ok(1, duplicates=1, conflicts=["c", "b"])
+    assert response.json() == ingest_answer(1, duplicates=1, conflicts=["c", "b"])
 
 
 async def test_conflicts_are_listed_in_the_order_they_were_sent(
@@ -188,7 +178,7 @@ async def test_conflicts_are_listed_in_the_order_they_were_sent(
         [event(org, "a", quantity=1), event(org, "a", quantity=2), event(org, "b", quantity=3)],
     )
 
-    assert response.json() == ok(1, conflicts=["a", "b"])
+    assert response.json() == ingest_answer(1, conflicts=["a", "b"])
 
 
 async def test_identical_event_twice_in_one_batch_is_one_accepted_and_one_duplicate(
@@ -199,8 +189,8 @@ async def test_identical_event_twice_in_one_batch_is_one_accepted_and_one_duplic
 
     response = await post(client, world.key, [twice, event(org, "y"), twice])
 
-    assert response.json() == ok(2, duplicates=1)
-    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 8
+    assert response.json() == ingest_answer(2, duplicates=1)
+    assert (await usage_metrics(client, world.key, organization_id=org))["sms"]["outbound"] == 8
     assert (await stored(engine))[0] == 2
 
 
@@ -215,8 +205,8 @@ async def test_same_id_with_other_content_in_one_batch_keeps_the_first_and_is_a_
         client, world.key, [event(org, "x", quantity=first), event(org, "x", quantity=second)]
     )
 
-    assert response.json() == ok(1, conflicts=["x"])
-    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == first
+    assert response.json() == ingest_answer(1, conflicts=["x"])
+    assert (await usage_metrics(client, world.key, organization_id=org))["sms"]["outbound"] == first
 
 
 async def test_a_batch_all_new_but_one_retry_names_only_that_one(
@@ -232,8 +222,8 @@ async def test_a_batch_all_new_but_one_retry_names_only_that_one(
         client, world.key, [*batch[:150], event(org, "old", quantity=2), *batch[150:]]
     )
 
-    assert response.json() == ok(300, conflicts=["old"])
-    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 301
+    assert response.json() == ingest_answer(300, conflicts=["old"])
+    assert (await usage_metrics(client, world.key, organization_id=org))["sms"]["outbound"] == 301
 
 
 async def test_a_repeat_listed_before_its_conflicting_twin_counts_once(
@@ -248,8 +238,8 @@ async def test_a_repeat_listed_before_its_conflicting_twin_counts_once(
         [event(org, "x", quantity=8), event(org, "x", quantity=9), event(org, "x", quantity=7)],
     )
 
-    assert response.json() == ok(0, duplicates=1, conflicts=["x"])
-    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == 7
+    assert response.json() == ingest_answer(0, duplicates=1, conflicts=["x"])
+    assert (await usage_metrics(client, world.key, organization_id=org))["sms"]["outbound"] == 7
 
 
 async def test_same_id_in_two_organizations_is_two_events(
@@ -263,14 +253,14 @@ async def test_same_id_in_two_organizations_is_two_events(
         [event(world.organization_id, "shared", quantity=2), event(other, "shared", quantity=5)],
     )
 
-    assert response.json() == ok(2)
-    assert (await post(client, world.key, [event(other, "shared", quantity=5)])).json() == ok(
-        0, duplicates=1
-    )
-    assert (await usage(client, world.key, organization_id=world.organization_id))["sms"][
+    assert response.json() == ingest_answer(2)
+    assert (
+        await post(client, world.key, [event(other, "shared", quantity=5)])
+    ).json() == ingest_answer(0, duplicates=1)
+    assert (await usage_metrics(client, world.key, organization_id=world.organization_id))["sms"][
         "outbound"
     ] == 2
-    assert (await usage(client, world.key, organization_id=other))["sms"]["outbound"] == 5
+    assert (await usage_metrics(client, world.key, organization_id=other))["sms"]["outbound"] == 5
 
 
 async def test_ids_are_any_1_to_255_visible_ascii_characters(
@@ -280,8 +270,8 @@ async def test_ids_are_any_1_to_255_visible_ascii_characters(
     ids = ["x", "y" * 255, "".join(chr(c) for c in range(0x21, 0x7F)), 'say "hi" \\o/']
     batch = [event(org, i.replace(" ", "_")) for i in ids]
 
-    assert (await post(client, world.key, batch)).json() == ok(4)
-    assert (await post(client, world.key, batch)).json() == ok(0, duplicates=4)
+    assert (await post(client, world.key, batch)).json() == ingest_answer(4)
+    assert (await post(client, world.key, batch)).json() == ingest_answer(0, duplicates=4)
 
 
 @pytest.mark.parametrize(
@@ -305,7 +295,7 @@ async def test_occurred_at_takes_any_iso_8601_date_time(
         client, world.key, [event(world.organization_id, occurred_at=occurred_at)]
     )
 
-    assert response.json() == ok(1)
+    assert response.json() == ingest_answer(1)
     async with engine.connect() as conn:
         assert await conn.scalar(text("SELECT occurred_at FROM usage_events")) == stored_at
 
@@ -332,8 +322,10 @@ async def test_the_same_content_written_differently_is_a_duplicate(
             body.pop("segments")
         return body
 
-    assert (await post(client, world.key, [variant(first)])).json() == ok(1)
-    assert (await post(client, world.key, [variant(again)])).json() == ok(0, duplicates=1)
+    assert (await post(client, world.key, [variant(first)])).json() == ingest_answer(1)
+    assert (await post(client, world.key, [variant(again)])).json() == ingest_answer(
+        0, duplicates=1
+    )
 
 
 @pytest.mark.parametrize(
@@ -359,7 +351,7 @@ async def test_any_difference_in_content_is_a_conflict(
         changed.pop("segments")
     await post(client, world.key, [original])
 
-    assert (await post(client, world.key, [changed])).json() == ok(0, conflicts=["e"])
+    assert (await post(client, world.key, [changed])).json() == ingest_answer(0, conflicts=["e"])
 
 
 # --- validation: the whole batch is rejected and nothing is written -------------------
@@ -473,7 +465,7 @@ async def test_an_invalid_event_rejects_the_whole_batch(
     assert response.status_code == 400
     assert response.json() == invalid((1, field, error))
     assert await stored(engine) == (0, 0)
-    assert await usage(client, world.key, organization_id=org) == ZERO_USAGE
+    assert await usage_metrics(client, world.key, organization_id=org) == ZERO_USAGE
 
 
 async def test_every_bad_event_is_named(client: httpx.AsyncClient, world: World) -> None:
@@ -516,7 +508,9 @@ async def test_an_event_too_far_in_the_future_is_rejected(
         (1, "occurred_at", "must not be more than 5 minutes in the future")
     )
     assert await stored(engine) == (0, 0)
-    assert (await post(client, world.key, [event(org, "soon", occurred_at=soon)])).json() == ok(1)
+    assert (
+        await post(client, world.key, [event(org, "soon", occurred_at=soon)])
+    ).json() == ingest_answer(1)
 
 
 async def test_an_unknown_organization_rejects_the_batch(
@@ -553,8 +547,8 @@ async def test_an_organization_outside_the_keys_scope_reads_as_unknown(
         assert response.content == unknown.content
     assert unknown.json() == invalid((1, "organization_id", "organization not found"))
     assert await stored(engine) == (0, 0)
-    assert (await post(client, partner_key, [event(my_org, "a")])).json() == ok(1)
-    assert (await post(client, org_key, [event(my_org, "b")])).json() == ok(1)
+    assert (await post(client, partner_key, [event(my_org, "a")])).json() == ingest_answer(1)
+    assert (await post(client, org_key, [event(my_org, "b")])).json() == ingest_answer(1)
 
 
 async def test_a_user_of_another_organization_or_unknown_rejects_the_batch(
@@ -598,10 +592,12 @@ async def test_a_batch_of_1000_events_is_accepted(
 
     response = await post(client, world.key, batch)
 
-    assert response.json() == ok(1000)
+    assert response.json() == ingest_answer(1000)
     expected = sum(1 + i % 7 for i in range(1000))
-    assert (await usage(client, world.key, organization_id=org))["sms"]["outbound"] == expected
-    assert (await post(client, world.key, batch)).json() == ok(0, duplicates=1000)
+    assert (await usage_metrics(client, world.key, organization_id=org))["sms"][
+        "outbound"
+    ] == expected
+    assert (await post(client, world.key, batch)).json() == ingest_answer(0, duplicates=1000)
 
 
 @pytest.mark.parametrize(
@@ -624,7 +620,7 @@ async def test_a_malformed_body_is_rejected(
     response = await client.post(URL, json=body, headers={"X-API-Key": world.key})
 
     assert response.status_code == 400
-    assert response.json() == bad_request(message)
+    assert response.json() == error(message)
     assert await stored(engine) == (0, 0)
 
 
@@ -636,7 +632,7 @@ async def test_more_than_1000_events_is_rejected(
     response = await post(client, world.key, batch)
 
     assert response.status_code == 400
-    assert response.json() == bad_request(EVENTS_LIMIT)
+    assert response.json() == error(EVENTS_LIMIT)
     assert await stored(engine) == (0, 0)
 
 
@@ -664,7 +660,7 @@ async def test_a_body_that_is_not_json_is_rejected(
     )
 
     assert response.status_code == 400
-    assert response.json() == bad_request("request body must be valid JSON")
+    assert response.json() == error("request body must be valid JSON")
 
 
 def padded(size: int, events: list[dict[str, Any]]) -> bytes:
@@ -681,7 +677,7 @@ async def test_a_body_of_exactly_1_mib_is_read(client: httpx.AsyncClient, world:
         headers={"X-API-Key": world.key, "Content-Type": "application/json"},
     )
 
-    assert response.json() == ok(1)
+    assert response.json() == ingest_answer(1)
 
 
 async def test_a_body_over_1_mib_is_413(
@@ -729,7 +725,7 @@ async def test_a_streamed_body_under_1_mib_is_read(client: httpx.AsyncClient, wo
         URL, content=chunks(), headers={"X-API-Key": world.key, "Content-Type": "application/json"}
     )
 
-    assert response.json() == ok(1)
+    assert response.json() == ingest_answer(1)
 
 
 # --- keys -----------------------------------------------------------------------------
@@ -776,7 +772,7 @@ async def test_an_accepted_batch_is_in_the_very_next_read(
     ]
     for round_ in range(3):
         assert (await post(client, world.key, batch)).json() == (
-            ok(5) if round_ == 0 else ok(0, duplicates=5)
+            ingest_answer(5) if round_ == 0 else ingest_answer(0, duplicates=5)
         )
         organization = await client.get(
             "/v1/analytics/usage",

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,21 @@ from unittest.mock import ANY
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, serving
+from tests.support.apps import asgi_client
+from tests.support.factories import event, make_key, make_organization
+from tests.support.servers import serving
 from usage_api.app import create_app
-from usage_api.auth import KeyScope, create_key
+from usage_api.auth import KeyScope
 from usage_api.config import Settings
 from usage_api.db import transact
-from usage_api.http.deps import CurrentKey
+from usage_api.keys import create_key
 from usage_api.logs import JsonFormatter
 
 USAGE = "/v1/analytics/usage"
 EVENTS = "/v1/usage/events"
-UNREACHABLE_DATABASE = "postgresql://postgres@127.0.0.1:1/nope"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -79,37 +79,6 @@ async def key_and_id(engine: AsyncEngine, scope: KeyScope = "admin", write: bool
 
     key_id, key = await transact(engine, work)
     return key, key_id
-
-
-@pytest.fixture
-async def failing_app(database_url: str, settings: Settings) -> AsyncIterator[FastAPI]:
-    app = create_app(settings, database_url)
-
-    @app.get("/v1/boom")
-    async def boom(principal: CurrentKey) -> None:
-        raise RuntimeError("secret detail")
-
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture
-async def failing_client(failing_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    # The default transport raises what escapes the app: a 500 must be a response.
-    transport = httpx.ASGITransport(app=failing_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        yield client
-
-
-async def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
-@pytest.fixture
-async def unavailable_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, UNREACHABLE_DATABASE)
-    async with app.router.lifespan_context(app), await client_for(app) as client:
-        yield client
 
 
 def access_line(
@@ -372,7 +341,7 @@ async def test_docs_and_openapi_are_404_when_disabled(
     database_url: str, settings: Settings
 ) -> None:
     app = create_app(replace(settings, docs_enabled=False), database_url)
-    async with app.router.lifespan_context(app), await client_for(app) as client:
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
         for path in ["/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"]:
             response = await client.get(path)
             assert (response.status_code, response.json()) == (
@@ -450,7 +419,7 @@ async def test_metrics_count_requests_events_and_read_the_pool(
 
 async def test_metrics_can_be_turned_off(database_url: str, settings: Settings) -> None:
     app = create_app(replace(settings, metrics_enabled=False), database_url)
-    async with app.router.lifespan_context(app), await client_for(app) as client:
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
         response = await client.get("/metrics")
         assert (response.status_code, response.json()) == (
             404,
@@ -466,6 +435,7 @@ def metrics_dirs(tmp: Path) -> list[Path]:
     return list(tmp.glob("usage-api-metrics-*"))
 
 
+@pytest.mark.slow
 async def test_serve_with_workers_logs_json_and_sums_metrics_over_workers(
     database_url: str, tmp_path: Path
 ) -> None:

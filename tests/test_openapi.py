@@ -26,7 +26,7 @@ from schemathesis.config import SchemathesisConfig
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
-from tests.factories import ADMIN, make_key
+from tests.support.factories import ADMIN, make_key
 from usage_api.app import create_app
 from usage_api.config import Settings
 from usage_api.db import transact
@@ -137,6 +137,7 @@ def call_and_validate(case: Case, key: str | None) -> None:
 
 # The parametrization names the key in each test's id; it also gives each operation an id
 # of its own (`[GET /healthz][admin-write]`), which pytest 9.2 otherwise drops.
+@pytest.mark.slow
 @schema.parametrize()
 @pytest.mark.parametrize("credential", ["admin-write"])
 @SETTINGS

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import SEED_ORGANIZATION, SEED_USER
+from tests.support.answers import SEED_ORGANIZATION, SEED_USER
 from usage_api import demo
 from usage_api.db import transact
 

@@ -28,7 +28,12 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization, make_user
+from tests.support.answers import bad_date, error
+from tests.support.factories import (
+    Tenant,
+    event,
+    make_tenant,
+)
 from usage_api.dates import MAX_INSTANT, Instant, make_range, parse_instant
 from usage_api.ids import new_id
 from usage_api.schemas import DATE_PATTERN
@@ -351,26 +356,9 @@ def is_valid_name(value: str) -> bool:
     )
 
 
-def error(message: str) -> dict[str, Any]:
-    return {"success": False, "error": message}
-
-
-def bad_date(name: str) -> dict[str, Any]:
-    return error(f"{name} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z")
-
-
-@dataclass(frozen=True)
-class World:
-    organization_id: str
-    user_id: str
-    key: str
-
-
 @pytest.fixture
-async def world(engine: AsyncEngine) -> World:
-    organization_id = await make_organization(engine, "Acme Corp")
-    user_id = await make_user(engine, organization_id, "John Smith", "john@example.com")
-    return World(organization_id, user_id, await make_key(engine, write=True))
+async def tenant(engine: AsyncEngine) -> Tenant:
+    return await make_tenant(engine)
 
 
 async def stored(engine: AsyncEngine) -> tuple[int, int]:
@@ -397,16 +385,16 @@ _DELETE = object()
 
 
 @st.composite
-def events(draw: st.DrawFn, world: World) -> dict[str, Any]:
-    """A valid event of the world's organization, then zero to three fields replaced by
+def events(draw: st.DrawFn, tenant: Tenant) -> dict[str, Any]:
+    """A valid event of the tenant's organization, then zero to three fields replaced by
     random JSON values, removed, or added."""
     kind = draw(st.sampled_from(["sms", "mms", "voice"]))
     body = event(
-        world.organization_id,
+        tenant.organization_id,
         f"ev-{draw(st.uuids()).hex}",  # may repeat: a duplicate or a conflict then
         type=kind,
         quantity=draw(st.integers(1, 100)),
-        user_id=draw(st.sampled_from([None, world.user_id])),
+        user_id=draw(st.sampled_from([None, tenant.user_id])),
     )
     changes = draw(
         st.dictionaries(
@@ -437,15 +425,15 @@ def assert_rejected_batch(response: httpx.Response, batch_size: int) -> None:
 @REQUESTS
 @given(data=st.data())
 async def test_any_event_is_recorded_or_rejected_with_details_and_nothing_written(
-    client: httpx.AsyncClient, engine: AsyncEngine, world: World, data: st.DataObject
+    client: httpx.AsyncClient, engine: AsyncEngine, tenant: Tenant, data: st.DataObject
 ) -> None:
-    batch = data.draw(st.lists(events(world), min_size=1, max_size=3))
+    batch = data.draw(st.lists(events(tenant), min_size=1, max_size=3))
     before = await stored(engine)
 
     response = await client.post(
         EVENTS,
         content=as_json({"events": batch}),
-        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+        headers={"X-API-Key": tenant.key, "Content-Type": "application/json"},
     )
 
     assert response.status_code in (200, 400), response.text
@@ -467,10 +455,10 @@ async def test_any_event_is_recorded_or_rejected_with_details_and_nothing_writte
 @REQUESTS
 @given(value=ODD_TEXT | JSON_VALUES)
 async def test_odd_values_in_every_event_field_are_rejected_with_details(
-    client: httpx.AsyncClient, engine: AsyncEngine, world: World, value: Any
+    client: httpx.AsyncClient, engine: AsyncEngine, tenant: Tenant, value: Any
 ) -> None:
     batch = [
-        {**event(world.organization_id, new_id(), type="voice", quantity=1), field: value}
+        {**event(tenant.organization_id, new_id(), type="voice", quantity=1), field: value}
         for field in EVENT_FIELDS
     ]
     before = await stored(engine)
@@ -478,7 +466,7 @@ async def test_odd_values_in_every_event_field_are_rejected_with_details(
     response = await client.post(
         EVENTS,
         content=as_json({"events": batch}),
-        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+        headers={"X-API-Key": tenant.key, "Content-Type": "application/json"},
     )
 
     # No value fits both `type` and `direction`: every batch has a bad event.
@@ -507,10 +495,10 @@ RAW_BODIES = [
 
 @pytest.mark.parametrize("body", RAW_BODIES, ids=range(len(RAW_BODIES)))
 async def test_any_body_that_is_not_a_batch_is_a_clean_400(
-    client: httpx.AsyncClient, engine: AsyncEngine, world: World, body: bytes
+    client: httpx.AsyncClient, engine: AsyncEngine, tenant: Tenant, body: bytes
 ) -> None:
     response = await client.post(
-        EVENTS, content=body, headers={"X-API-Key": world.key, "Content-Type": "application/json"}
+        EVENTS, content=body, headers={"X-API-Key": tenant.key, "Content-Type": "application/json"}
     )
 
     assert response.status_code == 400, response.text
@@ -531,11 +519,11 @@ async def usage(client: httpx.AsyncClient, key: str, **params: str) -> httpx.Res
 @REQUESTS
 @given(value=ODD_TEXT)
 async def test_odd_ids_in_the_query_are_a_400_or_a_404(
-    client: httpx.AsyncClient, world: World, value: str
+    client: httpx.AsyncClient, tenant: Tenant, value: str
 ) -> None:
     received = as_received(value)
     for name, kind in (("organization_id", "organization"), ("user_id", "user")):
-        response = await usage(client, world.key, **{name: value})
+        response = await usage(client, tenant.key, **{name: value})
         if not received:
             expected = (400, error("organization_id or user_id is required"))
         elif is_contract_id(received):
@@ -549,12 +537,12 @@ async def test_odd_ids_in_the_query_are_a_400_or_a_404(
 @REQUESTS
 @given(value=ODD_TEXT | written_instants().map(lambda w: w.text))
 async def test_odd_dates_in_the_query_are_a_400_or_a_range(
-    client: httpx.AsyncClient, world: World, value: str
+    client: httpx.AsyncClient, tenant: Tenant, value: str
 ) -> None:
     received = as_received(value)
     for name in ("start_date", "end_date"):
         response = await usage(
-            client, world.key, organization_id=world.organization_id, **{name: value}
+            client, tenant.key, organization_id=tenant.organization_id, **{name: value}
         )
         if received and not is_contract_date(received):
             assert (response.status_code, response.json()) == (400, bad_date(name))
@@ -568,13 +556,13 @@ async def test_odd_dates_in_the_query_are_a_400_or_a_range(
 @REQUESTS
 @given(value=ODD_TEXT)
 async def test_odd_ids_in_the_path_are_a_400_or_an_upsert(
-    client: httpx.AsyncClient, world: World, value: str
+    client: httpx.AsyncClient, tenant: Tenant, value: str
 ) -> None:
     received = as_received(value)
     response = await client.put(
         f"/v1/partners/{quoted(value)}",
         content=as_json({"name": "Partner"}),
-        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+        headers={"X-API-Key": tenant.key, "Content-Type": "application/json"},
     )
     if is_contract_id(received):
         assert response.status_code in (200, 201), response.text
@@ -587,16 +575,16 @@ async def test_odd_ids_in_the_path_are_a_400_or_an_upsert(
 @REQUESTS
 @given(name=ODD_TEXT | st.text(ANY_CHARACTER, min_size=1, max_size=300) | JSON_VALUES)
 async def test_any_valid_name_is_kept_exactly_and_any_other_is_a_400(
-    client: httpx.AsyncClient, world: World, name: Any
+    client: httpx.AsyncClient, tenant: Tenant, name: Any
 ) -> None:
     response = await client.put(
-        f"/v1/organizations/{world.organization_id}",
+        f"/v1/organizations/{tenant.organization_id}",
         content=as_json({"name": name}),
-        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+        headers={"X-API-Key": tenant.key, "Content-Type": "application/json"},
     )
     if isinstance(name, str) and is_valid_name(name):
         assert response.status_code == 200, response.text
-        read = await usage(client, world.key, organization_id=world.organization_id)
+        read = await usage(client, tenant.key, organization_id=tenant.organization_id)
         assert read.json()["usage"]["organization_name"] == name
     else:
         assert response.status_code == 400, response.text
@@ -608,13 +596,13 @@ async def test_any_valid_name_is_kept_exactly_and_any_other_is_a_400(
 @REQUESTS
 @given(email=ODD_TEXT | st.emails() | JSON_VALUES)
 async def test_odd_emails_are_a_clean_400_or_kept(
-    client: httpx.AsyncClient, world: World, email: Any
+    client: httpx.AsyncClient, tenant: Tenant, email: Any
 ) -> None:
-    body = {"organization_id": world.organization_id, "name": "John Smith", "email": email}
+    body = {"organization_id": tenant.organization_id, "name": "John Smith", "email": email}
     response = await client.put(
-        f"/v1/users/{world.user_id}",
+        f"/v1/users/{tenant.user_id}",
         content=as_json(body),
-        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+        headers={"X-API-Key": tenant.key, "Content-Type": "application/json"},
     )
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
@@ -623,7 +611,7 @@ async def test_odd_emails_are_a_clean_400_or_kept(
     else:
         # Kept as the validator normalizes it (a Unicode domain), and read back as kept.
         kept = response.json()["user"]["email"]
-        read = await usage(client, world.key, user_id=world.user_id)
+        read = await usage(client, tenant.key, user_id=tenant.user_id)
         assert read.json()["usage"]["user_email"] == kept
 
 
@@ -634,9 +622,9 @@ VISIBLE_ASCII = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), m
 @given(
     key=st.sampled_from([s for s in ODD_STRINGS if s.isascii() and s.isprintable()]) | VISIBLE_ASCII
 )
-async def test_odd_keys_are_a_401(client: httpx.AsyncClient, world: World, key: str) -> None:
+async def test_odd_keys_are_a_401(client: httpx.AsyncClient, tenant: Tenant, key: str) -> None:
     response = await client.get(
-        USAGE, params={"organization_id": world.organization_id}, headers={"X-API-Key": key}
+        USAGE, params={"organization_id": tenant.organization_id}, headers={"X-API-Key": key}
     )
     assert response.status_code == 401, response.text
     assert response.json() in (error("invalid API key"), error("X-API-Key header is required"))

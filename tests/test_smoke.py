@@ -3,7 +3,7 @@ from __future__ import annotations
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.factories import event, make_key, make_organization
+from tests.support.factories import event, make_key, make_organization
 
 
 async def test_ingested_events_are_counted_at_once(

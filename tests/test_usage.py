@@ -8,7 +8,6 @@ against hundreds of random ranges, compared with sums computed here from what wa
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -20,14 +19,16 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tests.factories import (
-    SEED_ORGANIZATION,
-    SEED_USER,
+from tests.support.answers import SEED_ORGANIZATION, SEED_USER, assert_json, bad_date, usage_answer
+from tests.support.factories import (
+    Tenant,
     event,
     make_key,
     make_organization,
+    make_tenant,
     make_user,
 )
+from tests.support.oracle import ZERO, Metrics, event_metrics
 from usage_api import demo
 from usage_api.analytics import rollup
 from usage_api.app import create_app
@@ -44,19 +45,7 @@ ORGANIZATION_NOT_FOUND = {"success": False, "error": "organization not found"}
 USER_NOT_FOUND = {"success": False, "error": "user not found"}
 
 
-def bad_date(name: str) -> dict[str, Any]:
-    return {
-        "success": False,
-        "error": f"{name} must be an ISO 8601 date or date-time, e.g. 2026-02-10T00:00:00Z",
-    }
-
-
-# (sms outbound, sms inbound, mms outbound, mms inbound, voice seconds, kb seconds)
-Totals = tuple[int, int, int, int, int, int]
-ZERO: Totals = (0, 0, 0, 0, 0, 0)
-
-
-def metrics(totals: Totals = ZERO) -> dict[str, Any]:
+def metrics(totals: Metrics = ZERO) -> dict[str, Any]:
     sms_out, sms_in, mms_out, mms_in, seconds, kb_seconds = totals
     return {
         "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
@@ -76,32 +65,9 @@ def period(start_date: str | None = None, end_date: str | None = None) -> dict[s
     return {"period": "custom", "start_date": start_date, "end_date": end_date}
 
 
-def ok(usage: dict[str, Any], powered_by: str = "Teli") -> dict[str, Any]:
-    return {"success": True, "usage": usage, "powered_by": powered_by}
-
-
-def assert_json(response: httpx.Response, status: int, expected: dict[str, Any]) -> None:
-    """The exact body, and the exact key order at every level."""
-    assert (response.status_code, response.json()) == (status, expected)
-    assert json.dumps(response.json()) == json.dumps(expected)
-
-
-@dataclass(frozen=True)
-class Tenant:
-    organization_id: str
-    user_id: str
-    key: str  # an admin write key: it ingests and reads
-
-
-async def make_tenant(engine: AsyncEngine) -> Tenant:
-    organization_id = await make_organization(engine, "Acme Corp")
-    user_id = await make_user(engine, organization_id, "John Smith", "john@example.com")
-    return Tenant(organization_id, user_id, await make_key(engine, write=True))
-
-
 def organization_usage(
     tenant: Tenant,
-    totals: Totals = ZERO,
+    totals: Metrics = ZERO,
     *,
     start_date: str | None = None,
     end_date: str | None = None,
@@ -116,7 +82,7 @@ def organization_usage(
 
 def user_usage(
     tenant: Tenant,
-    totals: Totals = ZERO,
+    totals: Metrics = ZERO,
     *,
     start_date: str | None = None,
     end_date: str | None = None,
@@ -172,7 +138,7 @@ async def test_organization_id_alone_gives_the_organizations_usage(
 
     response = await get(client, tenant.key, organization_id=tenant.organization_id)
 
-    assert_json(response, 200, ok(organization_usage(tenant, (7, 0, 0, 2, 60, 7))))
+    assert_json(response, 200, usage_answer(organization_usage(tenant, (7, 0, 0, 2, 60, 7))))
     assert list(response.json()["usage"]) == ORGANIZATION_KEYS
 
 
@@ -218,7 +184,7 @@ async def test_user_id_alone_gives_only_that_users_usage(
 
     response = await get(client, tenant.key, user_id=tenant.user_id)
 
-    assert_json(response, 200, ok(user_usage(tenant, (4, 0, 6, 0, 70, 9))))
+    assert_json(response, 200, usage_answer(user_usage(tenant, (4, 0, 6, 0, 70, 9))))
     assert list(response.json()["usage"]) == USER_KEYS
 
 
@@ -239,7 +205,7 @@ async def test_both_ids_give_the_users_usage_when_the_user_belongs_to_the_organi
         client, tenant.key, organization_id=tenant.organization_id, user_id=tenant.user_id
     )
 
-    assert_json(response, 200, ok(user_usage(tenant, (4, 0, 0, 0, 0, 0))))
+    assert_json(response, 200, usage_answer(user_usage(tenant, (4, 0, 0, 0, 0, 0))))
 
 
 async def test_both_ids_are_user_not_found_when_the_user_belongs_to_another_organization(
@@ -312,9 +278,9 @@ async def test_an_empty_id_next_to_a_real_one_counts_as_absent(
     tenant = await make_tenant(engine)
 
     response = await get(client, tenant.key, organization_id="", user_id=tenant.user_id)
-    assert_json(response, 200, ok(user_usage(tenant)))
+    assert_json(response, 200, usage_answer(user_usage(tenant)))
     response = await get(client, tenant.key, organization_id=tenant.organization_id, user_id="")
-    assert_json(response, 200, ok(organization_usage(tenant)))
+    assert_json(response, 200, usage_answer(organization_usage(tenant)))
 
 
 @pytest.mark.parametrize("value", ["has space", "x" * 129, "caf\u00e9", "tab\there"])
@@ -338,7 +304,7 @@ async def test_unknown_parameters_are_ignored(
         client, tenant.key, organization_id=tenant.organization_id, period="month", limit="1"
     )
 
-    assert_json(response, 200, ok(organization_usage(tenant)))
+    assert_json(response, 200, usage_answer(organization_usage(tenant)))
 
 
 async def test_checks_run_in_order_key_ids_dates_lookup(
@@ -418,8 +384,8 @@ async def test_counters_are_real_time_and_unchanged_by_folding(
         event(tenant.organization_id, type="voice", quantity=30, knowledge_base=True),
     ]
     await post_events(client, tenant.key, first)
-    expected_organization = ok(organization_usage(tenant, (2, 0, 0, 0, 0, 30)))
-    expected_user = ok(user_usage(tenant, (2, 0, 0, 0, 0, 0)))
+    expected_organization = usage_answer(organization_usage(tenant, (2, 0, 0, 0, 0, 30)))
+    expected_user = usage_answer(user_usage(tenant, (2, 0, 0, 0, 0, 0)))
 
     # Not folded yet: the answer already includes the events.
     assert_json(
@@ -445,9 +411,9 @@ async def test_counters_are_real_time_and_unchanged_by_folding(
         [event(tenant.organization_id, direction="inbound", quantity=5, user_id=tenant.user_id)],
     )
     response = await get(client, tenant.key, organization_id=tenant.organization_id)
-    assert_json(response, 200, ok(organization_usage(tenant, (2, 5, 0, 0, 0, 30))))
+    assert_json(response, 200, usage_answer(organization_usage(tenant, (2, 5, 0, 0, 0, 30))))
     response = await get(client, tenant.key, user_id=tenant.user_id)
-    assert_json(response, 200, ok(user_usage(tenant, (2, 5, 0, 0, 0, 0))))
+    assert_json(response, 200, usage_answer(user_usage(tenant, (2, 5, 0, 0, 0, 0))))
 
 
 def test_powered_by_defaults_to_teli(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -465,7 +431,7 @@ async def test_powered_by_comes_from_configuration(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             response = await get(client, tenant.key, organization_id=tenant.organization_id)
-            assert_json(response, 200, ok(organization_usage(tenant), "Acme Analytics"))
+            assert_json(response, 200, usage_answer(organization_usage(tenant), "Acme Analytics"))
             response = await get(client, tenant.key, organization_id="nope")
             assert_json(response, 404, ORGANIZATION_NOT_FOUND)
 
@@ -521,7 +487,7 @@ async def ingest_marked(
     return marked
 
 
-def sms_of(marked: list[str], included: Iterable[str]) -> Totals:
+def sms_of(marked: list[str], included: Iterable[str]) -> Metrics:
     chosen = set(included)
     return (sum(2**n for n, at in enumerate(marked) if at in chosen), 0, 0, 0, 0, 0)
 
@@ -558,7 +524,7 @@ async def test_the_seeds_range_covers_its_end_day_through_the_last_microsecond(
             start_date="2026-02-10T00:00:00Z",
             end_date="2026-03-12T23:59:59Z",
         )
-        assert_json(response, 200, ok(expected))
+        assert_json(response, 200, usage_answer(expected))
         assert list(response.json()["usage"]) == ORGANIZATION_KEYS + RANGE_KEYS[1:]
 
 
@@ -587,7 +553,7 @@ async def test_a_date_alone_as_end_covers_that_whole_day_and_is_echoed_as_its_la
         start_date="2026-03-12T00:00:00Z",
         end_date="2026-03-12T23:59:59Z",
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
     assert list(response.json()["usage"]) == USER_KEYS + RANGE_KEYS[1:]
 
 
@@ -666,20 +632,20 @@ async def test_every_accepted_form_bounds_a_range_on_its_own_unit(
         expected = usage(
             tenant, sms_of(marked, [first, last, beyond]), start_date=start_echo, end_date=None
         )
-        assert_json(response, 200, ok(expected))
+        assert_json(response, 200, usage_answer(expected))
 
         response = await get(client, tenant.key, **params, end_date=value)
         expected = usage(
             tenant, sms_of(marked, [before, first, last]), start_date=None, end_date=end_echo
         )
-        assert_json(response, 200, ok(expected))
+        assert_json(response, 200, usage_answer(expected))
 
         # Both sides the same value: exactly the one unit it names.
         response = await get(client, tenant.key, **params, start_date=value, end_date=value)
         expected = usage(
             tenant, sms_of(marked, [first, last]), start_date=start_echo, end_date=end_echo
         )
-        assert_json(response, 200, ok(expected))
+        assert_json(response, 200, usage_answer(expected))
 
 
 async def test_ranges_with_partial_days_at_their_edges_are_exact_for_users_and_organizations(
@@ -729,7 +695,7 @@ async def test_ranges_with_partial_days_at_their_edges_are_exact_for_users_and_o
                     start_date=start_echo or start,
                     end_date=end_echo or end,
                 )
-                assert_json(response, 200, ok(expected))
+                assert_json(response, 200, usage_answer(expected))
 
 
 async def test_open_sides_reach_the_first_and_the_last_event(
@@ -753,12 +719,12 @@ async def test_open_sides_reach_the_first_and_the_last_event(
     expected = user_usage(
         tenant, sms_of(marked, marked[:2]), start_date=None, end_date="2026-03-11T23:59:59Z"
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
     response = await get(client, tenant.key, user_id=tenant.user_id, start_date="2026-03-12")
     expected = user_usage(
         tenant, sms_of(marked, marked[2:]), start_date="2026-03-12T00:00:00Z", end_date=None
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
     response = await get(
         client, tenant.key, user_id=tenant.user_id, start_date="0001-01-01", end_date="9999-12-31"
     )
@@ -768,7 +734,7 @@ async def test_open_sides_reach_the_first_and_the_last_event(
         start_date="0001-01-01T00:00:00Z",
         end_date="9999-12-31T23:59:59Z",
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
 
 
 async def test_ranges_at_the_edges_of_the_calendar_answer_zeros_not_errors(
@@ -796,7 +762,9 @@ async def test_ranges_at_the_edges_of_the_calendar_answer_zeros_not_errors(
     for params, start_echo, end_echo in cases:
         response = await get(client, tenant.key, organization_id=organization_id, **params)
         assert_json(
-            response, 200, ok(organization_usage(tenant, start_date=start_echo, end_date=end_echo))
+            response,
+            200,
+            usage_answer(organization_usage(tenant, start_date=start_echo, end_date=end_echo)),
         )
 
 
@@ -809,9 +777,11 @@ async def test_a_new_organization_and_user_report_zeros_over_a_range(
     response = await get(
         client, tenant.key, organization_id=tenant.organization_id, start_date=start, end_date=end
     )
-    assert_json(response, 200, ok(organization_usage(tenant, start_date=start, end_date=end)))
+    assert_json(
+        response, 200, usage_answer(organization_usage(tenant, start_date=start, end_date=end))
+    )
     response = await get(client, tenant.key, user_id=tenant.user_id, start_date=start, end_date=end)
-    assert_json(response, 200, ok(user_usage(tenant, start_date=start, end_date=end)))
+    assert_json(response, 200, usage_answer(user_usage(tenant, start_date=start, end_date=end)))
 
 
 async def test_an_end_before_the_start_but_inside_its_unit_still_covers_the_rest_of_the_unit(
@@ -844,7 +814,7 @@ async def test_an_end_before_the_start_but_inside_its_unit_still_covers_the_rest
         start_date="2026-03-12T12:00:30Z",
         end_date="2026-03-12T12:00:59Z",
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
 
 
 @pytest.mark.parametrize(
@@ -893,7 +863,7 @@ async def test_the_same_instant_with_a_fraction_on_both_sides_is_that_one_micros
         start_date="2026-03-12T12:00:00.000000Z",
         end_date="2026-03-12T12:00:00.000000Z",
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
 
 
 MALFORMED_DATES = [
@@ -980,16 +950,16 @@ async def test_an_empty_date_counts_as_absent_like_an_empty_id(
     expected = organization_usage(
         tenant, sms_of(marked, marked[:1]), start_date=None, end_date="2026-01-01T23:59:59Z"
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
     response = await get(
         client, tenant.key, organization_id=organization_id, start_date="2026-01-02", end_date=""
     )
     expected = organization_usage(
         tenant, sms_of(marked, marked[1:]), start_date="2026-01-02T00:00:00Z", end_date=None
     )
-    assert_json(response, 200, ok(expected))
+    assert_json(response, 200, usage_answer(expected))
     response = await get(client, tenant.key, user_id=tenant.user_id, start_date="", end_date="")
-    assert_json(response, 200, ok(user_usage(tenant, sms_of(marked, marked))))
+    assert_json(response, 200, usage_answer(user_usage(tenant, sms_of(marked, marked))))
 
 
 # Exactness: random events against random ranges, compared with sums of what was sent.
@@ -1013,7 +983,7 @@ class Sent:
     id: str
     organization_id: str
     user_id: str | None
-    totals: Totals
+    totals: Metrics
     occurred_at: datetime
 
 
@@ -1061,14 +1031,7 @@ def random_event(
     direction = rng.choice(["outbound", "inbound"])
     quantity = rng.choice([1, 1, 2, 3, 7, 10_000]) if kind != "voice" else rng.randrange(0, 3_600)
     knowledge_base = rng.choice([None, False, True]) if kind == "voice" else None
-    column = {
-        ("sms", "outbound"): 0,
-        ("sms", "inbound"): 1,
-        ("mms", "outbound"): 2,
-        ("mms", "inbound"): 3,
-    }.get((kind, direction), 5 if knowledge_base else 4)
-    totals = [0] * 6
-    totals[column] = quantity
+    totals = event_metrics(kind, direction, bool(knowledge_base), quantity)
     body = event(
         organization_id,
         f"ev-{number}",
@@ -1083,12 +1046,12 @@ def random_event(
     return sent, body
 
 
-def as_totals(values: Sequence[int]) -> Totals:
+def as_totals(values: Sequence[int]) -> Metrics:
     sms_out, sms_in, mms_out, mms_in, seconds, kb_seconds = values
     return sms_out, sms_in, mms_out, mms_in, seconds, kb_seconds
 
 
-def add(totals: Iterable[Totals]) -> Totals:
+def add(totals: Iterable[Metrics]) -> Metrics:
     sums = [0] * 6
     for row in totals:
         for i, value in enumerate(row):
@@ -1195,7 +1158,7 @@ def expected_answer(
     else:
         end_echo = _echo(end.end_exclusive - SECOND, False)
     usage = {**head, **metrics(totals), **period(start_date=start_echo, end_date=end_echo)}
-    return 200, ok(usage)
+    return 200, usage_answer(usage)
 
 
 async def _stored_events(conn: AsyncConnection, organization_id: str) -> dict[str, Any]:
@@ -1206,6 +1169,7 @@ async def _stored_events(conn: AsyncConnection, organization_id: str) -> dict[st
     return {row.id: (row.user_id, row.occurred_at) for row in rows}
 
 
+@pytest.mark.slow
 async def test_every_range_and_all_time_equal_the_sums_of_the_events_sent(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
@@ -1253,7 +1217,7 @@ async def test_every_range_and_all_time_equal_the_sums_of_the_events_sent(
         for params, head, events in heads.values():
             totals = add(e.totals for e in events if e.id in arrived)
             response = await get(client, key, **params)
-            assert_json(response, 200, ok({**head, **metrics(totals), **period()}))
+            assert_json(response, 200, usage_answer({**head, **metrics(totals), **period()}))
 
     # Some usage arrives, is folded, then more arrives late (any occurred_at, any order),
     # retries included, and only part of it is folded: roll-ups and deltas overlap.

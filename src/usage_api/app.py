@@ -21,7 +21,7 @@ from usage_api.http.middleware import BodySizeLimit, HeadAsGet, ObservedFastAPI
 from usage_api.http.openapi import complete_openapi
 from usage_api.http.telemetry import Telemetry
 from usage_api.ingest import router as ingestion
-from usage_api.ratelimit import RateLimit, RateLimiter
+from usage_api.ratelimit import RateLimiter, RateLimitMiddleware
 
 _TAGS = [
     {"name": "analytics", "description": "Usage of partners, organizations and users."},
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RateLimit, limiter=services.limiter)
+    app.add_middleware(RateLimitMiddleware, limiter=services.limiter)
     app.add_middleware(HeadAsGet)
 
     app.include_router(analytics.router)

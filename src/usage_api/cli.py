@@ -19,12 +19,13 @@ import typer
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from usage_api.auth import KeyScope, create_key, list_keys, revoke_key, rotate_key
+from usage_api.auth import KeyScope
 from usage_api.config import ConfigError, get_settings
 from usage_api.dates import utc_now
 from usage_api.db import PrimaryEngine, create_engine, transact
 from usage_api.embedded import EmbeddedError, EmbeddedPostgres
 from usage_api.errors import ServiceUnavailable
+from usage_api.keys import create_key, list_keys, revoke_key, rotate_key, set_limit
 from usage_api.logs import logging_config
 from usage_api.migrations import SchemaNotCurrent, check_current, migrate_to_head
 
@@ -226,6 +227,8 @@ def demo_command() -> None:
 
 
 _DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
+# The rate_limit column is a PostgreSQL integer.
+_MAX_RATE_LIMIT = 2**31 - 1
 
 
 def parse_duration(text: str, option: str = "--expires-in") -> timedelta:
@@ -254,6 +257,14 @@ def keys_create(
     expires_in: Annotated[
         str | None, typer.Option(help="Lifetime, e.g. 90d, 12h or 30m; none: until revoked.")
     ] = None,
+    rate_limit: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=_MAX_RATE_LIMIT,
+            help="Requests per window for this key (0: unlimited); none: USAGE_API_RATE_LIMIT.",
+        ),
+    ] = None,
 ) -> None:
     """Create a key and print it (it is shown only this once)."""
     expires_at = _expiry(expires_in)
@@ -271,6 +282,7 @@ def keys_create(
             can_write=write,
             name=name,
             expires_at=expires_at,
+            rate_limit=rate_limit,
         )
 
     with database() as url:
@@ -298,8 +310,8 @@ def keys_rotate(
         typer.Option(help="Lifetime of the new key, e.g. 90d; none: until revoked."),
     ] = None,
 ) -> None:
-    """Replace a key: print a new one with the same scope and permission; the old one
-    keeps working for the grace period, so that clients can switch without a gap."""
+    """Replace a key: print a new one with the same scope, permission and rate limit; the
+    old one keeps working for the grace period, so that clients can switch without a gap."""
     grace_period = parse_duration(grace, "--grace")
     expires_at = _expiry(expires_in)
 
@@ -323,7 +335,7 @@ def keys_rotate(
 @_reported
 def keys_list() -> None:
     """List keys (never the keys themselves), a line each: id, prefix, scope, target,
-    permission, state, expiry, last use (to the minute), name; tab-separated."""
+    permission, state, expiry, last use (to the minute), rate limit, name; tab-separated."""
     with database() as url:
         keys = _in_transaction(url, list_keys)
     now = utc_now()
@@ -338,12 +350,56 @@ def keys_list() -> None:
             state = "active"
         typer.echo(
             f"{key.id}\t{key.prefix}…\t{key.scope}\t{target}\t{permission}\t{state}"
-            f"\t{_when(key.expires_at, '-')}\t{_when(key.last_used_at, 'never')}\t{key.name or ''}"
+            f"\t{_when(key.expires_at, '-')}\t{_when(key.last_used_at, 'never')}"
+            f"\t{_rate_limit(key.rate_limit)}\t{key.name or ''}"
         )
 
 
 def _when(moment: datetime | None, absent: str) -> str:
     return moment.isoformat(timespec="seconds") if moment is not None else absent
+
+
+def _rate_limit(limit: int | None) -> str:
+    """`default` (USAGE_API_RATE_LIMIT of the serving process), `unlimited`, or the number."""
+    if limit is None:
+        return "default"
+    return "unlimited" if limit == 0 else str(limit)
+
+
+def _parse_rate_limit(text: str) -> int | None:
+    if text == "default":
+        return None
+    if not text.isdigit() or int(text) > _MAX_RATE_LIMIT:
+        raise typer.BadParameter(
+            f"must be a whole number from 0 (unlimited) to {_MAX_RATE_LIMIT}, or default",
+            param_hint="LIMIT",
+        )
+    return int(text)
+
+
+@keys_app.command("set-limit")
+@_reported
+def keys_set_limit(
+    key_id: str,
+    limit: Annotated[
+        str,
+        typer.Argument(
+            metavar="LIMIT",
+            help="Requests per window (0: unlimited), or default for USAGE_API_RATE_LIMIT.",
+        ),
+    ],
+) -> None:
+    """Set a key's rate limit; every server applies it from its next sync (100 ms)."""
+    rate_limit = _parse_rate_limit(limit)
+
+    async def work(conn: AsyncConnection) -> bool:
+        return await set_limit(conn, key_id, rate_limit)
+
+    with database() as url:
+        found = _in_transaction(url, work)
+    if not found:
+        raise Failed(f"no key with id {key_id}")
+    _say(f"Key {key_id} now has the rate limit {_rate_limit(rate_limit)}.")
 
 
 @keys_app.command("revoke")

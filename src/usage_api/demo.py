@@ -9,11 +9,12 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usage_api.analytics.rollup import fold_all
-from usage_api.auth import Principal, create_key
+from usage_api.auth import Principal
 from usage_api.dates import utc_now
 from usage_api.db import PrimaryEngine, transact
 from usage_api.directory import put_organization, put_user
 from usage_api.ingest import ingest
+from usage_api.keys import create_key
 from usage_api.schemas import Direction, EventType, OrganizationIn, UsageEventIn, UserIn
 
 ORGANIZATION_ID = "1767623610019x414651971228139500"

@@ -117,6 +117,7 @@ class ApiKey(Base):
             " OR (scope = 'organization' AND organization_id IS NOT NULL AND partner_id IS NULL)",
             name="scope_target",
         ),
+        CheckConstraint("rate_limit >= 0", name="rate_limit"),
     )
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -136,6 +137,8 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Written at most once a minute per key (see ratelimit.py), never on every request.
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Requests per rate-limit window; 0: unlimited; NULL: USAGE_API_RATE_LIMIT.
+    rate_limit: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKeyWindow(Base):
