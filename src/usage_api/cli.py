@@ -210,10 +210,9 @@ def demo_command() -> None:
     typer.echo(key)
 
 
-# A key's rate limit is a PostgreSQL integer.
-_MAX_RATE_LIMIT = 2**31 - 1
-
 _DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
+# The rate_limit column is a PostgreSQL integer.
+_MAX_RATE_LIMIT = 2**31 - 1
 
 
 def parse_duration(text: str, option: str = "--expires-in") -> timedelta:
@@ -383,8 +382,7 @@ def keys_set_limit(
     with database() as url:
         found = _in_transaction(url, work)
     if not found:
-        _say(f"no key with id {key_id}")
-        raise typer.Exit(1)
+        raise Failed(f"no key with id {key_id}")
     _say(f"Key {key_id} now has the rate limit {_rate_limit(rate_limit)}.")
 
 
