@@ -12,6 +12,7 @@ is written. Standard input is copied to a temporary file first, so that it can b
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import shutil
@@ -37,6 +38,8 @@ Format = Literal["ndjson", "csv"]
 # Events per transaction of the second pass: large enough that a round trip and a commit
 # are a small share of the work, small enough to keep memory and lock time modest.
 CHUNK = 5000
+# Chunks written at once: measured on 2 cores, 4 kept PostgreSQL busy (bench/NOTES.md).
+WRITERS = 4
 OPERATOR = Principal("cli-import", "admin", None, None, can_write=True)
 CSV_COLUMNS = tuple(UsageEventIn.model_fields)
 _INTEGER_COLUMNS = ("segments", "seconds")
@@ -316,32 +319,62 @@ async def run_import(
         )
         summary.skipped = total[1]
         progress = _Progress(stderr, "importing", total[0])
-        done = 0
-        for items in origin.chunks(kind):
-            chunk = _validated(items)
-            if not chunk.events:
-                continue
-            # Lines the first pass found bad are bad again (validation only gets more
-            # lenient with time); a target deleted since is refused here by `ingest`.
-            try:
-                result = await transact(engine, ingest, OPERATOR, chunk.events)
-            except ApiError as exc:
-                raise ImportFailed(
-                    f"a chunk was refused after the check ({exc.message}): the chunks"
-                    f" before it ({done} events) are recorded; a re-run records nothing twice"
-                ) from None
-            summary.accepted += result.accepted
-            summary.duplicates += result.duplicates
-            summary.conflicts += len(result.conflicts)
-            for event_id in result.conflicts:
-                stderr.write(f"conflict: {event_id} is recorded with other content\n")
-            done += len(chunk.events)
-            progress.update(done)
-        progress.update(done, final=True)
+        await _write_all(engine, origin, kind, summary, progress, stderr)
     finally:
         origin.close()
     summary.elapsed = max(time.monotonic() - started, 1e-9)
     return summary
+
+
+async def _write_all(
+    engine: PrimaryEngine,
+    origin: _Source,
+    kind: Format,
+    summary: Summary,
+    progress: _Progress,
+    stderr: TextIO,
+) -> None:
+    """The second pass: each chunk in a transaction of its own, WRITERS of them at once.
+
+    The time of a chunk is mostly PostgreSQL's, so one writer would leave a core idle; the
+    API's batches are written concurrently as well, and ingestion is built for it (writers
+    only insert, in key order). At most WRITERS + 1 chunks are in memory."""
+    slots = asyncio.Semaphore(WRITERS)
+    done = 0
+
+    async def write(chunk: _Chunk) -> None:
+        nonlocal done
+        try:
+            # Lines the first pass found bad are bad again (validation only gets more
+            # lenient with time); a target deleted since is refused here by `ingest`.
+            result = await transact(engine, ingest, OPERATOR, chunk.events)
+        except ApiError as exc:
+            raise ImportFailed(
+                f"a chunk was refused after the check ({exc.message}): the chunks recorded"
+                f" before it stay ({done} events); a re-run records nothing twice"
+            ) from None
+        finally:
+            slots.release()
+        summary.accepted += result.accepted
+        summary.duplicates += result.duplicates
+        summary.conflicts += len(result.conflicts)
+        for event_id in result.conflicts:
+            stderr.write(f"conflict: {event_id} is recorded with other content\n")
+        done += len(chunk.events)
+        progress.update(done)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for items in origin.chunks(kind):
+                chunk = _validated(items)
+                if chunk.events:
+                    await slots.acquire()
+                    group.create_task(write(chunk))
+    except ExceptionGroup as failed:
+        # The first writer's failure, as a single writer would have raised it (a refused
+        # chunk, an unreachable database): the others were cancelled because of it.
+        raise failed.exceptions[0] from None
+    progress.update(done, final=True)
 
 
 async def _check_all(
