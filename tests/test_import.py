@@ -270,3 +270,30 @@ async def test_a_csv_header_with_an_unknown_column_is_refused(
     assert result.exit_code == 1
     assert "line 1: the header must name distinct columns" in result.stderr
     assert "unknown: colour" in result.stderr
+
+
+async def test_the_report_is_csv_for_a_csv_path_and_an_unknown_user_is_skipped(
+    cli: Cli, client: httpx.AsyncClient, world: World, tmp_path: Path
+) -> None:
+    events = world.events()
+    events[0]["user_id"] = "no-such-user"
+    report = tmp_path / "skipped.csv"
+    result = await cli(
+        "import",
+        write(tmp_path, "events.ndjson", ndjson(events)),
+        "--skip-invalid",
+        "--report",
+        str(report),
+    )
+    assert summary_of(result) == (3, 0, 0, 1)
+    assert report.read_bytes() == b"line,id,field,error\r\n1,e1,user_id,user not found\r\n"
+    assert await usage(client, world.key, world.organization_id) == metrics(
+        (0, 0), (0, 1), (30, 60)
+    )
+
+
+async def test_a_report_without_skip_invalid_is_a_usage_error(cli: Cli, tmp_path: Path) -> None:
+    path = write(tmp_path, "events.ndjson", "")
+    result = await cli("import", path, "--report", str(tmp_path / "r.ndjson"))
+    assert result.exit_code == 2
+    assert "--report goes with --skip-invalid" in result.stderr

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from usage_api.auth import Principal
 from usage_api.db import PrimaryEngine, run_autocommit, transact
 from usage_api.errors import ApiError
-from usage_api.ingest import MAX_EVENTS, _check_targets, ingest, parse_events
+from usage_api.ingest import MAX_EVENTS, IngestResult, _check_targets, ingest, parse_events
 from usage_api.migrations import check_current
 from usage_api.schemas import UsageEventIn
 
@@ -326,6 +326,14 @@ async def run_import(
     return summary
 
 
+async def _record(conn: AsyncConnection, chunk: _Chunk, skipping: bool) -> IngestResult:
+    """Record a chunk; with lines skipped, first leave out again the events whose
+    organization or user the first pass did not find (already in the report)."""
+    if skipping:
+        await _without_unknown_targets(conn, chunk)
+    return await ingest(conn, OPERATOR, chunk.events) if chunk.events else IngestResult()
+
+
 async def _write_all(
     engine: PrimaryEngine,
     origin: _Source,
@@ -347,7 +355,7 @@ async def _write_all(
         try:
             # Lines the first pass found bad are bad again (validation only gets more
             # lenient with time); a target deleted since is refused here by `ingest`.
-            result = await transact(engine, ingest, OPERATOR, chunk.events)
+            result = await transact(engine, _record, chunk, summary.skipped > 0)
         except ApiError as exc:
             raise ImportFailed(
                 f"a chunk was refused after the check ({exc.message}): the chunks recorded"
