@@ -1,4 +1,4 @@
-"""`usage-api`: serve, migrate, load the demo, manage keys."""
+"""`usage-api`: serve, migrate, load the demo, import past usage, manage keys."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
@@ -208,6 +209,38 @@ def demo_command() -> None:
         migrate_to_head(url)
         key = _load_demo(url)
     typer.echo(key)
+
+
+@app.command("import")
+@_reported
+def import_command(
+    source: Annotated[str, typer.Argument(metavar="PATH|-", help="The file, or - for stdin.")],
+    format: Annotated[
+        str | None, typer.Option(help="ndjson or csv; by default csv for a .csv path.")
+    ] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Import the valid lines and report the others.")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="With --skip-invalid: where to list skipped lines.")
+    ] = None,
+) -> None:
+    """Import usage events (NDJSON or CSV) exactly once each, as POST /v1/usage/events would."""
+    from usage_api.importer import ImportFailed, run_import  # see _load_demo
+
+    if report is not None and not skip_invalid:
+        raise typer.BadParameter("--report goes with --skip-invalid")
+    with database() as url:
+        try:
+            summary = _with_engine(
+                url,
+                lambda engine: run_import(
+                    engine, source, format=format, skip_invalid=skip_invalid, report=report
+                ),
+            )
+        except ImportFailed as exc:
+            raise Failed(str(exc)) from None
+    _say(summary.line())
 
 
 _DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
