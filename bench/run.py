@@ -169,7 +169,9 @@ async def run(url: str, bin_dir: Path | None, args: argparse.Namespace) -> dict[
             "summary": (
                 f"{params.events:,} events over {params.days} days from"
                 f" {params.start:%Y-%m-%d}, {params.organizations} organizations x"
-                f" {params.users_per_organization} users; busy organization"
+                f" {params.users_per_organization} users (organization {params.wide}:"
+                f" {params.wide_users:,}), one partner of {params.large_partner_organizations}"
+                " organizations; busy organization"
                 f" {per_org['busy']:,} events, small organization {per_org['small']:,};"
                 f" database {described['database_bytes'] / 2**30:.1f} GiB"
             ),
