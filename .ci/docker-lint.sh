@@ -61,10 +61,12 @@ services="$(compose config --services | sort | tr '\n' ' ')"
 
 fail() { printf 'docker-lint: %s\n' "$*" >&2; exit 1; }
 
-[[ "${services}" == "api db demo migrate " ]] \
+[[ "${services}" == "api db demo migrate replica " ]] \
     || fail "unexpected service set: ${services}"
 grep -qx 'demo' <<<"${profiles}" \
     || fail "profile 'demo' missing from resolved config"
+grep -qx 'replicas' <<<"${profiles}" \
+    || fail "profile 'replicas' missing from resolved config"
 grep -q 'condition: service_completed_successfully' <<<"${resolved}" \
     || fail "depends_on condition service_completed_successfully was dropped"
 grep -q 'condition: service_healthy' <<<"${resolved}" \

@@ -447,8 +447,8 @@ async def test_the_demo_answers_the_seeds_two_example_responses(
     response = await get(client, key, user_id=demo.USER_ID)
     assert_json(response, 200, SEED_USER)
 
-    # Its events lie in the last six weeks: a range from seven weeks ago holds them all.
-    since = (datetime.now(UTC) - timedelta(weeks=7)).date().isoformat()
+    # Its events lie in its history: a range from the day before holds them all.
+    since = (demo.history_start(datetime.now(UTC)) - timedelta(days=1)).date().isoformat()
     response = await get(client, key, organization_id=demo.ORGANIZATION_ID, start_date=since)
     custom = {"period": "custom", "start_date": f"{since}T00:00:00Z", "end_date": None}
     assert_json(

@@ -13,7 +13,8 @@ from usage_api import errors
 from usage_api.analytics import routes as analytics
 from usage_api.analytics.rollup import run_folder
 from usage_api.config import ConfigError, Settings, get_settings
-from usage_api.db import Databases
+from usage_api.dashboard.routes import router as dashboard
+from usage_api.db import CONNECT_TIMEOUT_S, Databases
 from usage_api.directory import router as directory
 from usage_api.http import docs, health
 from usage_api.http.deps import Services
@@ -22,6 +23,7 @@ from usage_api.http.openapi import complete_openapi
 from usage_api.http.telemetry import Telemetry
 from usage_api.ingest import router as ingestion
 from usage_api.ratelimit import RateLimiter, RateLimitMiddleware
+from usage_api.replicas import instrument
 
 _TAGS = [
     {"name": "analytics", "description": "Usage of partners, organizations and users."},
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     if settings.docs_enabled:
         app.include_router(docs.router)
         app.mount(docs.ASSETS, docs.assets())
+    app.include_router(dashboard)
     if services.telemetry is not None:
         app.include_router(health.metrics_router)
     return app
@@ -80,12 +83,21 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Background work while serving: the rate limit's sync and the fold."""
+    """Background work while serving: the rate limit's sync, the fold, replica probes."""
     services: Services = app.state.services
     settings, databases, telemetry = services.settings, services.databases, services.telemetry
+    reads = databases.read
     if telemetry is not None:
         telemetry.bind(databases.primary)
-    tasks = [asyncio.create_task(services.limiter.run(databases.background))]
+        if reads.replicas:
+            instrument(reads, telemetry.registry)
+    # Replicas serve from the first request on, unless one is slow to answer.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(reads.probe_all(), CONNECT_TIMEOUT_S)
+    tasks = [
+        asyncio.create_task(services.limiter.run(databases.background)),
+        asyncio.create_task(reads.watch()),
+    ]
     if settings.rollup_interval_ms > 0:
         interval_s = settings.rollup_interval_ms / 1000
         tasks.append(asyncio.create_task(run_folder(databases.background, interval_s)))

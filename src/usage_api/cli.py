@@ -26,7 +26,6 @@ from usage_api.db import PrimaryEngine, create_engine, transact
 from usage_api.embedded import EmbeddedError, EmbeddedPostgres
 from usage_api.errors import ServiceUnavailable
 from usage_api.keys import create_key, list_keys, revoke_key, rotate_key, set_limit
-from usage_api.logs import logging_config
 from usage_api.migrations import SchemaNotCurrent, check_current, migrate_to_head
 
 T = TypeVar("T")
@@ -169,8 +168,6 @@ def serve(
     demo: Annotated[bool, typer.Option(help="Load the demo data and print a key.")] = False,
 ) -> None:
     """Apply pending migrations, then serve the API."""
-    import uvicorn  # see _load_demo
-
     _check_port(host, port)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it into the handler it found.
     # Python's default would end the process on the spot, skipping the `finally` that leaves
@@ -189,22 +186,9 @@ def serve(
         # Worker processes read their database from the environment.
         os.environ["DATABASE_URL"] = url
         get_settings.cache_clear()
-        log_level = get_settings().log_level
-        uvicorn.run(
-            "usage_api.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            log_config=logging_config(log_level),
-            # The app writes its own access line (usage_api.access), with the key's id.
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            # A worker imports the whole app before it first answers the supervisor; on a
-            # busy 2-core host that alone can take longer than uvicorn's 5 s default.
-            timeout_worker_healthcheck=30,
-        )
+        from usage_api.http.server import serve as run_server
+
+        run_server(get_settings(), host=host, port=port, workers=workers)
 
 
 @app.command()
@@ -226,10 +210,9 @@ def demo_command() -> None:
     typer.echo(key)
 
 
-# A key's rate limit is a PostgreSQL integer.
-_MAX_RATE_LIMIT = 2**31 - 1
-
 _DURATION_UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": timedelta(minutes=1)}
+# The rate_limit column is a PostgreSQL integer.
+_MAX_RATE_LIMIT = 2**31 - 1
 
 
 def parse_duration(text: str, option: str = "--expires-in") -> timedelta:
@@ -399,8 +382,7 @@ def keys_set_limit(
     with database() as url:
         found = _in_transaction(url, work)
     if not found:
-        _say(f"no key with id {key_id}")
-        raise typer.Exit(1)
+        raise Failed(f"no key with id {key_id}")
     _say(f"Key {key_id} now has the rate limit {_rate_limit(rate_limit)}.")
 
 

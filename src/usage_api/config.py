@@ -32,6 +32,11 @@ def _bool(name: str, default: bool) -> bool:
     return raw in {"1", "true", "yes", "on"}
 
 
+def _urls(name: str) -> tuple[str, ...]:
+    """A comma-separated list of URLs; blanks around and between them are ignored."""
+    return tuple(url.strip() for url in os.environ.get(name, "").split(",") if url.strip())
+
+
 def _data_dir() -> Path:
     """The embedded database's data directory: USAGE_API_DATA_DIR, else a per-user default."""
     if explicit := os.environ.get("USAGE_API_DATA_DIR"):
@@ -65,6 +70,16 @@ class Settings:
     # (the container image turns it off: there, a missing DATABASE_URL is a mistake).
     data_dir: Path
     embedded_database: bool
+    max_head_bytes: int
+    max_header_fields: int
+    head_timeout_s: int
+    body_timeout_s: int
+    keep_alive_timeout_s: int
+    max_connections: int
+    # Streaming replicas of database_url that serve reads (docs/scaling.md), and how long
+    # a read waits for one to catch up before the primary answers it.
+    database_read_urls: tuple[str, ...]
+    replica_wait_ms: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -84,6 +99,14 @@ class Settings:
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             data_dir=_data_dir(),
             embedded_database=_bool("USAGE_API_EMBEDDED_DATABASE", True),
+            max_head_bytes=_int("USAGE_API_MAX_HEAD_BYTES", 16 * 1024, minimum=1024),
+            max_header_fields=_int("USAGE_API_MAX_HEADER_FIELDS", 100, minimum=1),
+            head_timeout_s=_int("USAGE_API_HEAD_TIMEOUT_S", 10, minimum=1),
+            body_timeout_s=_int("USAGE_API_BODY_TIMEOUT_S", 30, minimum=1),
+            keep_alive_timeout_s=_int("USAGE_API_KEEP_ALIVE_TIMEOUT_S", 5, minimum=1),
+            max_connections=_int("USAGE_API_MAX_CONNECTIONS", 1000, minimum=1),
+            database_read_urls=_urls("DATABASE_READ_URLS"),
+            replica_wait_ms=_int("USAGE_API_REPLICA_WAIT_MS", 10),
         )
 
 

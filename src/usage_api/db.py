@@ -1,8 +1,9 @@
 """The engines, and the ways requests and commands run SQL on them.
 
 The types say which database a piece of code may touch: `transact` (every write) takes a
-`PrimaryEngine` only, and reads take any engine, so a `ReadEngine`, which will point at a
-replica, cannot be written through.
+`PrimaryEngine` only, and reads take any engine, so a `ReadEngine`, which points at a
+replica, cannot be written through. Requests' reads go through `Databases.read`
+(`replicas.Reads`): a replica that has caught up, else the primary.
 
 When the database goes away (a restart, a failover, a frozen host), no request waits
 longer than a few seconds and none is answered 500: connecting gives up after
@@ -21,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Concatenate, NewType, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, NewType, ParamSpec, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
@@ -30,6 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from usage_api.config import ConfigError, Settings
 from usage_api.errors import ApiError, ServiceUnavailable, is_unavailable
+
+if TYPE_CHECKING:
+    from usage_api.replicas import Reads
 
 log = logging.getLogger("usage_api")
 
@@ -69,7 +73,8 @@ class Databases:
     """A process's engines: requests' writes, requests' reads, and background work."""
 
     primary: PrimaryEngine
-    read: ReadEngine
+    # Requests' reads: the replicas of DATABASE_READ_URLS when caught up, else the primary.
+    read: Reads
     # The rate limit's sync and the fold have two connections of their own: they never
     # take one a request is waiting for, even while the database hangs.
     background: PrimaryEngine
@@ -77,12 +82,32 @@ class Databases:
     @classmethod
     def create(cls, settings: Settings, url: str) -> Databases:
         """Engines for `url`; no connection is opened until one is used."""
+        # Here, not at the top: replicas builds on this module's read helpers.
+        from usage_api.replicas import Reads, Replica, replica_name
+
         primary = PrimaryEngine(create_engine(settings, url))
         background = PrimaryEngine(create_engine(replace(settings, pool_size=2), url))
-        return cls(primary=primary, read=ReadEngine(primary), background=background)
+        replicas = [
+            Replica(replica_name(replica), ReadEngine(create_engine(settings, replica)))
+            for replica in settings.database_read_urls
+        ]
+        read = Reads(
+            primary,
+            replicas,
+            background=background,
+            # One connection of its own, held while serving (only with replicas).
+            fence_engine=(
+                PrimaryEngine(create_engine(replace(settings, pool_size=1), url))
+                if replicas
+                else None
+            ),
+            wait_s=settings.replica_wait_ms / 1000,
+        )
+        return cls(primary=primary, read=read, background=background)
 
     async def dispose(self) -> None:
-        for engine in {self.primary, self.read, self.background}:
+        await self.read.dispose()
+        for engine in (self.primary, self.background):
             await engine.dispose()
 
 

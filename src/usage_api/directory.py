@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usage_api.analytics.breakdown import page_cursor, parse_limit, read_page_cursor
 from usage_api.auth import Principal
-from usage_api.db import run_autocommit, transact
+from usage_api.db import transact
 from usage_api.errors import ApiError, not_found
 from usage_api.http.deps import CurrentKey, PrimaryDb, ReadDb
 from usage_api.http.openapi import error_responses, request_body, upsert_responses
@@ -317,7 +317,7 @@ async def get_partner_route(
 ) -> JSONResponse:
     """One partner (admin keys, or the partner's own)."""
     checked_id(partner_id, "partner_id")
-    entity = await run_autocommit(engine, get_entity, principal, "partner", partner_id)
+    entity = await engine.run(get_entity, principal, "partner", partner_id)
     return _entity_answer("partner", entity)
 
 
@@ -334,7 +334,7 @@ async def get_organization_route(
 ) -> JSONResponse:
     """One organization inside the key's scope."""
     checked_id(organization_id, "organization_id")
-    entity = await run_autocommit(engine, get_entity, principal, "organization", organization_id)
+    entity = await engine.run(get_entity, principal, "organization", organization_id)
     return _entity_answer("organization", entity)
 
 
@@ -348,7 +348,7 @@ async def get_user_route(
 ) -> JSONResponse:
     """One user inside the key's scope."""
     checked_id(user_id, "user_id")
-    entity = await run_autocommit(engine, get_entity, principal, "user", user_id)
+    entity = await engine.run(get_entity, principal, "user", user_id)
     return _entity_answer("user", entity)
 
 
@@ -388,8 +388,7 @@ async def list_organizations_route(
 ) -> JSONResponse:
     """The organizations the key may see, by id, in pages."""
     partner_id = checked_id(blank_as_none(partner_id), "partner_id")
-    rows, next_cursor = await run_autocommit(
-        engine,
+    rows, next_cursor = await engine.run(
         list_entities,
         principal,
         "organization",
@@ -414,8 +413,7 @@ async def list_users_route(
 ) -> JSONResponse:
     """The users the key may see, by id, in pages."""
     organization_id = checked_id(blank_as_none(organization_id), "organization_id")
-    rows, next_cursor = await run_autocommit(
-        engine,
+    rows, next_cursor = await engine.run(
         list_entities,
         principal,
         "user",

@@ -3,8 +3,10 @@
     ApiError                 a domain error: status, message, optional details and headers
       ServiceUnavailable     503 with Retry-After (database down, statement timeout)
 
-Everything else that escapes a route is a 500 `internal error`, logged with its traceback
-and never shown to the client. `install` registers the handlers that render all of them,
+A client that goes away before its request body is complete (starlette's ClientDisconnect)
+is counted and logged as 499, without a traceback: nobody is left to answer. Everything
+else that escapes a route is a 500 `internal error`, logged with its traceback and never
+shown to the client. `install` registers the handlers that render all of them,
 and Starlette's own 404/405/validation errors, as `{"success": false, "error": ...}`.
 """
 
@@ -21,11 +23,17 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 
 log = logging.getLogger("usage_api")
 
 RETRY_AFTER_SECONDS = 2
+# nginx's status for a request its client abandoned: never sent, only counted and logged.
+CLIENT_CLOSED_REQUEST = 499
+# Where the HTTP server (`usage_api.http.server`) leaves the status it answered itself for
+# a request the app was still reading (a body too slow: 408), to be counted under it.
+ANSWERED_STATUS = "usage_api.answered_status"
 
 
 class ApiError(Exception):
@@ -155,6 +163,17 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, "invalid request")
 
 
+async def _client_disconnected(request: Request, exc: Exception) -> JSONResponse:
+    status = request.scope.get("state", {}).get(ANSWERED_STATUS, CLIENT_CLOSED_REQUEST)
+    if status == CLIENT_CLOSED_REQUEST:
+        log.info(
+            "client disconnected before its request was read: %s %s",
+            request.method,
+            request.url.path,
+        )
+    return error_response(status, "client closed request")
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     if is_unavailable(exc):
         log.warning("database unavailable: %s %s: %r", request.method, request.url.path, exc)
@@ -168,4 +187,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_exception_handler(Exception, _unexpected)

@@ -154,6 +154,21 @@ class ApiKeyWindow(Base):
     requests: Mapped[int] = mapped_column(BigInteger)
 
 
+class DashboardSession(Base):
+    """A signed-in dashboard: the hash of the random token its cookie holds, and the key
+    it was opened with. Every page load joins it to that key, so revoking or expiring the
+    key ends the session at once; the key itself is never kept."""
+
+    __tablename__ = "dashboard_sessions"
+
+    token_hash: Mapped[bytes] = mapped_column(primary_key=True)
+    key_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class UsageEvent(Base):
     """One accepted event. Its organization and user are checked by ingest in the same
     transaction, not by foreign keys: a foreign key check takes a KEY SHARE lock on the

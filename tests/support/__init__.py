@@ -7,5 +7,6 @@
 - `servers`: free ports, the live-server harness, SIGKILL to a postmaster;
 - `database`: the Alembic configuration the fixtures migrate with;
 - `faults`: the database-restart scenario, its own embedded database and its report;
-- `faultrun`: `python -m tests.support.faultrun`, the scenario at a heavier load.
+- `faultrun`: `python -m tests.support.faultrun`, the scenario at a heavier load;
+- `replica`: a hot standby of an embedded PostgreSQL (real streaming replication).
 """

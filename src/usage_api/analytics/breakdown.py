@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.analytics.query import UsageQuery, parse_usage_query
 from usage_api.analytics.ranges import range_params
 from usage_api.analytics.totals import (
@@ -35,10 +33,10 @@ from usage_api.analytics.totals import (
     period_json,
 )
 from usage_api.auth import invalid_key
-from usage_api.db import fetch_row
 from usage_api.errors import bad_request
 from usage_api.http.params import blank_as_none, checked_id
 from usage_api.models import METRICS
+from usage_api.replicas import Reads
 from usage_api.sql import (
     EVENT_SUMS,
     KEY_LOOKUP,
@@ -283,7 +281,7 @@ def _statement(kind: str, ranged: bool, sort: str, descending: bool) -> Statemen
 
 
 async def read_breakdown(
-    engine: AsyncEngine, key_hash: bytes, query: BreakdownQuery
+    reads: Reads, key_hash: bytes, query: BreakdownQuery
 ) -> tuple[str, dict[str, Any] | None]:
     """The id of the caller's key and the `breakdown` object (None when the parent is
     unknown or outside the key's scope)."""
@@ -301,7 +299,7 @@ async def read_breakdown(
     }
     if usage.span is not None:
         params.update(range_params(usage.span))
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:

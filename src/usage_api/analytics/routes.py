@@ -47,22 +47,22 @@ router = APIRouter(tags=["analytics"], route_class=FastRoute)
 async def get_usage(request: Request) -> Response:
     """Usage of an organization or a user: all time, over a date range, or as a series."""
     app = services(request)
-    engine = app.databases.read
+    reads = app.databases.read
     api_key = presented_key(request)
     key_hash = presented_hash(api_key)
     try:
         query = parse_usage_query(request.query_params)
     except ApiError:
         # A bad key outranks bad parameters.
-        request.state.key_id = (await authenticate(engine, api_key)).key_id
+        request.state.key_id = (await authenticate(app.databases.primary, api_key)).key_id
         raise
     # The key is checked in the same statement as the read: one round trip.
     read = read_series if query.granularity is not None else read_usage
-    key_id, usage = await read(engine, key_hash, query)
+    key_id, usage = await read(reads, key_hash, query)
     request.state.key_id = key_id
     if usage is None:
         if query.partner_id is not None and not await partner_visible(
-            engine, key_hash, query.partner_id
+            reads, key_hash, query.partner_id
         ):
             raise not_found("partner")
         raise not_found(query.kind)
@@ -88,19 +88,19 @@ async def get_usage(request: Request) -> Response:
 async def get_breakdown(request: Request) -> Response:
     """Usage of each organization of a partner, or each user of an organization, paged."""
     app = services(request)
-    engine = app.databases.read
+    reads = app.databases.read
     api_key = request.headers.get("x-api-key")
     key_hash = presented_hash(api_key)
     try:
         query = parse_breakdown_query(request.query_params)
     except ApiError:
-        request.state.key_id = (await authenticate(engine, api_key)).key_id
+        request.state.key_id = (await authenticate(app.databases.primary, api_key)).key_id
         raise
-    key_id, breakdown = await read_breakdown(engine, key_hash, query)
+    key_id, breakdown = await read_breakdown(reads, key_hash, query)
     request.state.key_id = key_id
     if breakdown is None:
         partner_id = query.usage.partner_id
-        if partner_id is not None and not await partner_visible(engine, key_hash, partner_id):
+        if partner_id is not None and not await partner_visible(reads, key_hash, partner_id):
             raise not_found("partner")
         raise not_found("organization" if query.group_by == "user" else "partner")
     if wants_csv(request):

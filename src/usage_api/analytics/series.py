@@ -26,28 +26,24 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.totals import (
     ENTITY_ROWS,
-    IN_PARTNER,
-    PARTNER_VISIBLE,
+    KINDS,
     entity_json,
+    entity_statement,
     metrics_json,
     period_json,
 )
 from usage_api.auth import invalid_key
-from usage_api.db import fetch_row
 from usage_api.models import METRICS
+from usage_api.replicas import Reads
 from usage_api.sql import (
     EVENT_SUMS,
-    KEY_LOOKUP,
     METRIC_COLUMNS,
     METRIC_SUMS,
     Statement,
     compile_named,
-    visible_to_key,
 )
 
 Level = Literal["day", "hour", "quarter"]
@@ -252,35 +248,6 @@ _SERIES = f"""
         SELECT bucket, {METRIC_SUMS} FROM ({{parts}}) parts
         WHERE bucket BETWEEN 1 AND :buckets GROUP BY bucket) b"""
 
-_ORGANIZATION = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT o.id, o.name, m.* FROM organizations o
-    CROSS JOIN LATERAL ({_SERIES}) m
-    WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}
-) e ON true
-"""
-_USER = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT u.id, u.name, u.email, m.* FROM users u
-    JOIN organizations o ON o.id = u.organization_id
-    CROSS JOIN LATERAL ({_SERIES}) m
-    WHERE u.id = :user_id AND {visible_to_key()}
-      AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
-      AND {IN_PARTNER}
-) e ON true
-"""
-_PARTNER = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT p.id, p.name, m.* FROM partners p
-    CROSS JOIN LATERAL ({_SERIES}) m
-    WHERE p.id = :partner_id AND {PARTNER_VISIBLE}
-) e ON true
-"""
-_TEMPLATES = {"user": _USER, "organization": _ORGANIZATION, "partner": _PARTNER}
-
 
 def _statement(kind: str, top: Level) -> Statement:
     parts = [_TOP[top]]
@@ -290,15 +257,14 @@ def _statement(kind: str, top: Level) -> Statement:
             _SPANS.format(level="quarter", rows=_QUARTER_ROWS),
             _RAW,
         ]
-    template = _TEMPLATES[kind]
     events, rollups = ENTITY_ROWS[kind]
     union = "\n    UNION ALL".join(
         f"({part.format(events=events, rollups=rollups)})" for part in parts
     )
-    return compile_named(template.replace("{parts}", union))
+    return compile_named(entity_statement(kind, _SERIES).replace("{parts}", union))
 
 
-_STATEMENTS = {(kind, top): _statement(kind, top) for kind in _TEMPLATES for top in LEVELS}
+_STATEMENTS = {(kind, top): _statement(kind, top) for kind in KINDS for top in LEVELS}
 
 
 def _params(p: Plan) -> dict[str, Any]:
@@ -322,7 +288,7 @@ def _params(p: Plan) -> dict[str, Any]:
 
 
 async def read_series(
-    engine: AsyncEngine, key_hash: bytes, query: UsageQuery
+    reads: Reads, key_hash: bytes, query: UsageQuery
 ) -> tuple[str, dict[str, Any] | None]:
     """As `totals.read_usage`, with `granularity` and `buckets`; the totals are the sums
     of the buckets, read in the same statement, so they always add up."""
@@ -340,7 +306,7 @@ async def read_series(
         **_params(p),
     }
     statement = _STATEMENTS[kind, top]
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:

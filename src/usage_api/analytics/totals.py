@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.ranges import range_params
 from usage_api.auth import invalid_key
-from usage_api.db import fetch_row
 from usage_api.models import METRICS
+from usage_api.replicas import Reads
 from usage_api.sql import (
     EVENT_SUMS,
     KEY_LOOKUP,
@@ -61,38 +59,42 @@ _RANGE_PARTS = f"""
 IN_PARTNER = "(CAST(:partner_id AS text) IS NULL OR o.partner_id = :partner_id)"
 PARTNER_VISIBLE = "(k.scope = 'admin' OR k.partner_id = p.id)"
 
-# No row: the key is unknown, revoked or expired. A row with a NULL `id`: the entity is
-# unknown or outside the key's scope, which must read the same.
-_ORGANIZATION = f"""
+# What each kind of entity answers with, where it comes from, and the condition that it is
+# the one asked for and inside the key's scope.
+_ENTITIES = {
+    "organization": (
+        "o.id, o.name",
+        "organizations o",
+        f"o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}",
+    ),
+    "user": (
+        "u.id, u.name, u.email",
+        "users u JOIN organizations o ON o.id = u.organization_id",
+        f"u.id = :user_id AND {visible_to_key()}"
+        " AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)"
+        f" AND {IN_PARTNER}",
+    ),
+    # A partner's usage is its organizations' of now: every part selects their rows at once.
+    "partner": ("p.id, p.name", "partners p", f"p.id = :partner_id AND {PARTNER_VISIBLE}"),
+}
+
+
+def entity_statement(kind: str, sums: str) -> str:
+    """The statement of one answer: the caller's key, the entity and `sums` (a subquery of
+    the entity's metrics, as `m`). No row: the key is unknown, revoked or expired. A row
+    with a NULL `id`: the entity is unknown or outside the key's scope, which must read the
+    same."""
+    columns, source, condition = _ENTITIES[kind]
+    return f"""
 WITH k AS ({KEY_LOOKUP})
 SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT o.id, o.name, m.* FROM organizations o
-    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}
+    SELECT {columns}, m.* FROM {source}
+    CROSS JOIN LATERAL ({sums}) m
+    WHERE {condition}
 ) e ON true
 """
 
-_USER = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT u.id, u.name, u.email, m.* FROM users u
-    JOIN organizations o ON o.id = u.organization_id
-    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE u.id = :user_id AND {visible_to_key()}
-      AND (CAST(:organization_id AS text) IS NULL OR u.organization_id = :organization_id)
-      AND {IN_PARTNER}
-) e ON true
-"""
 
-# A partner's usage is its organizations' of now: every part selects their rows at once.
-_PARTNER = f"""
-WITH k AS ({KEY_LOOKUP})
-SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
-    SELECT p.id, p.name, m.* FROM partners p
-    CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({{parts}}) parts) m
-    WHERE p.id = :partner_id AND {PARTNER_VISIBLE}
-) e ON true
-"""
 PARTNER_EVENTS = (
     "organization_id = ANY(ARRAY(SELECT po.id FROM organizations po WHERE po.partner_id = p.id))"
 )
@@ -107,26 +109,30 @@ SELECT EXISTS (SELECT FROM partners p WHERE p.id = :partner_id AND {PARTNER_VISI
 """
 
 
-TEMPLATES = {"user": _USER, "organization": _ORGANIZATION, "partner": _PARTNER}
+KINDS = tuple(_ENTITIES)
+_SUMS = f"SELECT {METRIC_SUMS} FROM ({{parts}}) parts"
 
 
 def _statement(kind: str, ranged: bool) -> Statement:
     parts = _RANGE_PARTS if ranged else _ALL_TIME_PARTS
     events, rollups = ENTITY_ROWS[kind]
-    return compile_named(TEMPLATES[kind].format(parts=parts.format(events=events, rollups=rollups)))
+    sql = entity_statement(kind, _SUMS).replace(
+        "{parts}", parts.format(events=events, rollups=rollups)
+    )
+    return compile_named(sql)
 
 
 _STATEMENTS = {
-    (kind, ranged): _statement(kind, ranged) for kind in TEMPLATES for ranged in (False, True)
+    (kind, ranged): _statement(kind, ranged) for kind in KINDS for ranged in (False, True)
 }
 _PARTNER_VISIBLE_STATEMENT = compile_named(_PARTNER_VISIBLE)
 
 
-async def partner_visible(engine: AsyncEngine, key_hash: bytes, partner_id: str) -> bool:
+async def partner_visible(reads: Reads, key_hash: bytes, partner_id: str) -> bool:
     """Whether the key may see the partner (for the 404 that names what was not found)."""
     params = {"key_hash": key_hash, "partner_id": partner_id}
     statement = _PARTNER_VISIBLE_STATEMENT
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     return row is not None and bool(row[0])
 
 
@@ -175,7 +181,7 @@ def metrics_of(usage: dict[str, Any]) -> tuple[int, ...]:
 
 
 async def read_usage(
-    engine: AsyncEngine, key_hash: bytes, query: UsageQuery
+    reads: Reads, key_hash: bytes, query: UsageQuery
 ) -> tuple[str, dict[str, Any] | None]:
     """The id of the caller's key, and the `usage` object in the contract's key order
     (None when the organization or user is unknown or outside the key's scope)."""
@@ -189,7 +195,7 @@ async def read_usage(
     if query.span is not None:
         params.update(range_params(query.span))
     statement = _STATEMENTS[kind, query.span is not None]
-    row = await fetch_row(engine, statement.sql, *statement.args(params))
+    row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:

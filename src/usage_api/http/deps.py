@@ -10,10 +10,11 @@ from fastapi.security import APIKeyHeader
 
 from usage_api.auth import Principal, authenticate
 from usage_api.config import Settings
-from usage_api.db import Databases, PrimaryEngine, ReadEngine
+from usage_api.db import Databases, PrimaryEngine
 from usage_api.errors import bad_request
 from usage_api.http.telemetry import Telemetry
 from usage_api.ratelimit import RateLimiter
+from usage_api.replicas import Reads
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,13 @@ async def _primary(request: Request) -> PrimaryEngine:
     return services(request).databases.primary
 
 
-async def _read(request: Request) -> ReadEngine:
+async def _read(request: Request) -> Reads:
     return services(request).databases.read
 
 
 ServicesDep = Annotated[Services, Depends(_services)]
 PrimaryDb = Annotated[PrimaryEngine, Depends(_primary)]
-ReadDb = Annotated[ReadEngine, Depends(_read)]
+ReadDb = Annotated[Reads, Depends(_read)]
 
 # Documents the key as the OpenAPI security scheme; auto_error=False so that a missing key
 # is our own 401 with the contract's body, not FastAPI's.

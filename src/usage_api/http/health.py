@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from usage_api.db import run_autocommit
-from usage_api.http.deps import PrimaryDb, services
+from usage_api.http.deps import PrimaryDb, ReadDb, services
 from usage_api.http.openapi import error_responses
 
 router = APIRouter(tags=["operations"])
@@ -24,10 +24,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", operation_id="getReadiness", responses=error_responses(500, 503))
-async def readyz(engine: PrimaryDb) -> dict[str, str]:
-    """The database answers."""
+async def readyz(engine: PrimaryDb, reads: ReadDb) -> dict[str, Any]:
+    """The database answers (and, with read replicas, how each one is doing)."""
     await run_autocommit(engine, _ping)
-    return {"status": "ready"}
+    if not reads.replicas:
+        return {"status": "ready"}
+    # A replica that is down does not make the service unready: the primary serves.
+    return {"status": "ready", "replicas": reads.describe(), "fallbacks": reads.fallbacks}
 
 
 async def _ping(conn: Any) -> None:

@@ -44,6 +44,21 @@ _DOCS_LOAD_FROM_HERE = (
 # answers are data that nothing may render or cache; /docs loads from this origin only.
 HEADER_POLICIES: list[tuple[str, Headers]] = [
     ("/v1/", [*_COMMON, _NOTHING_LOADS, (b"cache-control", b"no-store")]),
+    # The dashboard loads its own stylesheet, script and icon, and nothing else. Its
+    # Referrer-Policy is `same-origin`: with `no-referrer` a browser sends `Origin: null` on
+    # the dashboard's own form posts, which the sign-in could not tell from a cross-site one.
+    (
+        "/dashboard",
+        [
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"same-origin"),
+            (b"x-frame-options", b"DENY"),
+            (
+                b"content-security-policy",
+                b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+            ),
+        ],
+    ),
     ("/docs", [*_COMMON, _DOCS_LOAD_FROM_HERE]),
     ("", [*_COMMON, _NOTHING_LOADS]),
 ]
