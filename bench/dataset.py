@@ -1,8 +1,10 @@
 """The dataset: a deterministic year of usage, generated inside PostgreSQL.
 
-1000 organizations of 50 users each; one organization (index 0, "busy") holds 30% of the
-events, the others share the rest with a long tail (organization 1 is the next largest,
-the last one, "small", the least). 90% of events carry a user. The mix is 70% sms, 12%
+1000 organizations of 50 users each, but organization 1 ("wide") has 10,000; one
+organization (index 0, "busy") holds 30% of the events, the others share the rest with a
+long tail (organization 1 is the next largest, the last one, "small", the least). Twenty
+partners have 40 organizations each (four in five of the first half); one partner
+("large") has the last 500. 90% of events carry a user. The mix is 70% sms, 12%
 mms, 18% voice, with business-hour peaks (UTC) and microsecond timestamps.
 
 Every random choice is a hash of the event's number (`hashint8extended`), so the data
@@ -34,7 +36,7 @@ from bench.servers import log
 from usage_api.cli import migrate_to_head
 from usage_api.models import METRICS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CHUNK = 500_000
 LOADED_TABLES = ("usage_events", "usage_hourly", "usage_daily", "usage_counters")
 METRIC_LIST = ", ".join(METRICS)
@@ -72,6 +74,8 @@ class Params:
     busy_share: float = 0.30
     no_user_share: float = 0.10
     seed: int = 2025
+    wide_users: int = 10_000
+    large_partner_organizations: int = 500
     start: datetime = datetime(2025, 1, 1, tzinfo=UTC)
     days: int = 365
 
@@ -86,6 +90,21 @@ class Params:
     @property
     def small(self) -> int:
         return self.organizations - 1
+
+    @property
+    def wide(self) -> int:
+        """The organization with `wide_users` users (breakdowns of many members)."""
+        return 1
+
+    def users_of(self, organization: int) -> int:
+        return self.wide_users if organization == self.wide else self.users_per_organization
+
+    @property
+    def large_partner(self) -> str:
+        return _seedlike_id(self.seed, "partner", "large")
+
+    def in_large_partner(self, organization: int) -> bool:
+        return organization >= self.organizations - self.large_partner_organizations
 
     def fingerprint(self, schema_revision: str) -> dict[str, Any]:
         fields = asdict(self) | {"start": self.start.isoformat()}
@@ -113,12 +132,14 @@ def organizations(params: Params) -> list[Organization]:
         Organization(
             index=o,
             id=_seedlike_id(params.seed, "org", o),
-            # Four in five organizations come through a partner.
-            partner_id=partners[o % 25] if o % 25 < 20 else None,
-            users=tuple(
-                _seedlike_id(params.seed, "user", o, u)
-                for u in range(params.users_per_organization)
-            ),
+            # The last ones belong to the large partner; of the others, four in five come
+            # through a partner.
+            partner_id=params.large_partner
+            if params.in_large_partner(o)
+            else partners[o % 25]
+            if o % 25 < 20
+            else None,
+            users=tuple(_seedlike_id(params.seed, "user", o, u) for u in range(params.users_of(o))),
         )
         for o in range(params.organizations)
     ]
@@ -141,7 +162,6 @@ def _hour_table() -> str:
 def events_sql(params: Params) -> str:
     """INSERT of events number $1 to $2 (inclusive)."""
     busy, other = params.busy_share, params.organizations - 1
-    users = params.users_per_organization
     r = [_draw(params, k) for k in range(9)]
     return f"""
 INSERT INTO usage_events (organization_id, id, user_id, type, direction, segments, seconds,
@@ -160,9 +180,8 @@ FROM (
                 ELSE 1 + least(floor({other} * (({r[0]} - {busy}) / {1 - busy}) ^ 2)::int,
                                {other - 1}) END AS org,
            CASE WHEN {r[1]} < {params.no_user_share} THEN NULL
-                ELSE least(floor(({r[1]} - {params.no_user_share})
-                                 / {1 - params.no_user_share} * {users})::int, {users - 1})
-                END AS slot,
+                ELSE ({r[1]} - {params.no_user_share}) / {1 - params.no_user_share}
+                END AS user_draw,
            CASE WHEN {r[2]} < 0.70 THEN 'sms' WHEN {r[2]} < 0.82 THEN 'mms' ELSE 'voice' END
                AS type,
            CASE WHEN {r[3]} < CASE WHEN {r[2]} < 0.70 THEN 0.62
@@ -177,7 +196,9 @@ FROM (
     FROM generate_series($1::bigint, $2::bigint) AS i
 ) d
 JOIN bench.organization_index o ON o.idx = d.org
-LEFT JOIN bench.user_index u ON u.idx = d.org * {users} + d.slot
+-- No user when user_draw is NULL; else one of the organization's own number of users.
+LEFT JOIN bench.user_index u
+    ON u.org = d.org AND u.slot = least(floor(d.user_draw * o.users)::int, o.users - 1)
 """
 
 
@@ -306,9 +327,13 @@ async def _save_and_drop_indexes(conn: asyncpg.Connection) -> list[list[str]]:
 async def _load_directory(conn: asyncpg.Connection, params: Params) -> None:
     orgs = organizations(params)
     partners = sorted({o.partner_id for o in orgs if o.partner_id is not None})
+    large = params.large_partner
     await conn.copy_records_to_table(
         "partners",
-        records=[(p, f"Partner {n:02d}") for n, p in enumerate(partners)],
+        records=[
+            (p, "Partner large" if p == large else f"Partner {n:02d}")
+            for n, p in enumerate(partners)
+        ],
         columns=["id", "name"],
     )
     await conn.copy_records_to_table(
@@ -326,20 +351,20 @@ async def _load_directory(conn: asyncpg.Connection, params: Params) -> None:
         columns=["organization_id", "id", "name", "email"],
     )
     await conn.execute(
-        "CREATE TABLE bench.organization_index (idx int PRIMARY KEY, id text NOT NULL);"
-        " CREATE TABLE bench.user_index (idx int PRIMARY KEY, id text NOT NULL)"
+        "CREATE TABLE bench.organization_index (idx int PRIMARY KEY, id text NOT NULL,"
+        " users int NOT NULL);"
+        " CREATE TABLE bench.user_index (org int, slot int, id text NOT NULL,"
+        " PRIMARY KEY (org, slot))"
     )
     await conn.copy_records_to_table(
-        "organization_index", schema_name="bench", records=[(o.index, o.id) for o in orgs]
+        "organization_index",
+        schema_name="bench",
+        records=[(o.index, o.id, len(o.users)) for o in orgs],
     )
     await conn.copy_records_to_table(
         "user_index",
         schema_name="bench",
-        records=[
-            (o.index * params.users_per_organization + n, u)
-            for o in orgs
-            for n, u in enumerate(o.users)
-        ],
+        records=[(o.index, n, u) for o in orgs for n, u in enumerate(o.users)],
     )
     await conn.execute("ANALYZE bench.organization_index; ANALYZE bench.user_index")
 

@@ -317,6 +317,10 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
             f"**{e['mismatches']} mismatches** against the raw SUM.",
             *[f"- `{x}`" for x in e["examples"]],
         ]
+    if "series" in results:
+        from bench.series_scenario import render as render_series
+
+        parts += render_series(results["series"])
     if "counters" in results:
         c = results["counters"]
         rows = []

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 
-from bench import dataset, report, scenarios
+from bench import dataset, report, scenarios, series_scenario
 from bench.servers import (
     ROOT,
     CpuMeter,
@@ -33,7 +33,7 @@ from usage_api.config import Settings
 from usage_api.db import create_engine, transact
 from usage_api.keys import create_key
 
-SCENARIOS = ("pgbench", "ranges", "exactness", "counters", "ingestion")
+SCENARIOS = ("pgbench", "ranges", "exactness", "series", "counters", "ingestion")
 BENCH = Path(__file__).resolve().parent
 
 
@@ -169,7 +169,9 @@ async def run(url: str, bin_dir: Path | None, args: argparse.Namespace) -> dict[
             "summary": (
                 f"{params.events:,} events over {params.days} days from"
                 f" {params.start:%Y-%m-%d}, {params.organizations} organizations x"
-                f" {params.users_per_organization} users; busy organization"
+                f" {params.users_per_organization} users (organization {params.wide}:"
+                f" {params.wide_users:,}), one partner of {params.large_partner_organizations}"
+                " organizations; busy organization"
                 f" {per_org['busy']:,} events, small organization {per_org['small']:,};"
                 f" database {described['database_bytes'] / 2**30:.1f} GiB"
             ),
@@ -221,6 +223,20 @@ async def _scenarios(
                 log("exactness: 1000 random ranges against the raw SUM")
                 window = (params.start - timedelta(days=20), params.end + timedelta(days=2))
                 results["exactness"] = await scenarios.exactness(ctx, api.port, 1000, window)
+
+    if "series" in args.scenarios:
+        async with serving(spec("api", args.workers), logs) as api:
+            timings = await series_scenario.timings(ctx, api.port)
+            log("series: random series and breakdowns against the raw log")
+            results["series"] = {
+                "timings": timings,
+                "series_exactness": await series_scenario.series_exactness(
+                    ctx, api.port, 100 if args.quick else 300
+                ),
+                "breakdown_exactness": await series_scenario.breakdown_exactness(
+                    ctx, api.port, 50 if args.quick else 100
+                ),
+            }
 
     if "counters" in args.scenarios:
         api_paths, floor_paths = scenarios.counter_paths(ctx)
