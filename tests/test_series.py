@@ -114,6 +114,19 @@ def test_a_boundary_costs_less_than_half_a_row_of_each_level() -> None:
     assert p.rows() == {"raw": 0, "day": 366, "hour": 366 * 5, "quarter": 366 * 2}
 
 
+def test_each_day_a_zone_cuts_alike_moves_the_same_hours() -> None:
+    # New York's days start at 05:00Z: each UTC day counts in the local day of its noon,
+    # and its first five hours move to the local day before (out of the range: bucket 0).
+    utc = [datetime(2025, 1, day, 5, tzinfo=UTC) for day in (1, 2, 3, 4)]
+    p = plan(utc, "day")
+    assert (p.top_start, p.top_end) == (utc[0] - timedelta(hours=5), utc[-1] + timedelta(hours=19))
+    assert [(s.level, s.start, s.end, s.to, s.away) for s in p.spans] == [
+        ("hour", at - timedelta(hours=5), at, to, away)
+        for at, to, away in zip(utc, (0, 1, 2, 3), (1, 2, 3, 0), strict=True)
+    ]
+    assert p.raw == []
+
+
 # -- through HTTP, against real PostgreSQL -------------------------------------------------
 
 URL = "/v1/analytics/usage"
@@ -462,6 +475,26 @@ async def test_1000_buckets_pass_and_1001_are_refused(
             " (use a coarser granularity or a shorter range)",
         },
     )
+
+
+async def test_a_monthly_series_reaches_the_last_day_a_date_holds(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine, "Acme")
+    key = await make_key(engine, "admin")
+    params = {
+        "organization_id": organization_id,
+        "granularity": "month",
+        "start_date": "9999-10-01",
+        "end_date": "9999-12-30",
+    }
+    response = await client.get(URL, headers={"X-API-Key": key}, params=params)
+    assert response.status_code == 200
+    assert [(b["start"], b["end"]) for b in response.json()["usage"]["buckets"]] == [
+        ("9999-10-01T00:00:00+00:00", "9999-11-01T00:00:00+00:00"),
+        ("9999-11-01T00:00:00+00:00", "9999-12-01T00:00:00+00:00"),
+        ("9999-12-01T00:00:00+00:00", "9999-12-31T00:00:00+00:00"),
+    ]
 
 
 async def test_a_series_without_end_date_runs_through_the_present_bucket(

@@ -178,10 +178,37 @@ class Calendar:
 
     def _cut(self, start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime]]:
         at = start
-        while at < end:
-            following = min(self.following(at), end)
-            yield at, following
-            at = following
+        for boundary in self._boundaries(start):
+            if boundary >= end:
+                break
+            yield at, boundary
+            at = boundary
+        yield at, end
+
+    def _boundaries(self, start: datetime) -> Iterator[datetime]:
+        """`following(start)`, then `following` of that, and so on, to MAX_INSTANT."""
+        if self.unit == "hour":
+            at = start
+            while at < MAX_INSTANT:
+                at = self.following(at)
+                yield at
+            return
+        # Local midnights a day, a week or a month apart are never resolved out of order
+        # (no offset changes by more than a day), so the boundaries after `start` are
+        # those midnights resolved one after the other, equal ones once: one `resolve`
+        # a bucket, where `following` would search from the unit's floor again.
+        try:
+            wall = _wall_floor(_local(start, self.zone).replace(tzinfo=None), self.unit)
+            wall = _wall_step(wall, self.unit, -1)
+            last = start
+            while last < MAX_INSTANT:
+                boundary = resolve(wall, self.zone)
+                if boundary > last:
+                    yield boundary
+                    last = boundary
+                wall = _wall_step(wall, self.unit, 1)
+        except (OverflowError, ValueError):  # past the last date a datetime holds
+            yield MAX_INSTANT
 
     def label(self, at: datetime) -> str:
         """ISO 8601 with the zone's own offset at that instant."""
