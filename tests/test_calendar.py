@@ -190,16 +190,17 @@ ODD_ZONES = (
 @settings(max_examples=300, deadline=None)
 @given(
     st.sampled_from(ZONES + ODD_ZONES),
-    st.sampled_from(["day", "week", "month"]),
+    st.sampled_from(GRANULARITIES),
     st.datetimes(datetime(1900, 1, 1), datetime(2040, 1, 1)),
     st.floats(0.000001, 1.0),
 )
-def test_days_weeks_and_months_are_cut_as_following_cuts_them(
+def test_a_range_is_cut_as_following_cuts_it_again_and_again(
     zone: str, unit: Granularity, start: datetime, share: float
 ) -> None:
     calendar = Calendar(ZoneInfo(zone), unit)
     begin = start.replace(tzinfo=UTC)
-    end = begin + share * {"day": 990, "week": 6900, "month": 30000}[unit] * timedelta(days=1)
+    days = {"hour": 40, "day": 990, "week": 6900, "month": 30000}[unit]
+    end = begin + share * days * timedelta(days=1)
     assert calendar.buckets(begin, end) == chained_following(calendar, begin, end)
 
 
