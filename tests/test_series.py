@@ -8,6 +8,7 @@ spans of finer rows, raw events of cut quarter-hours in their own bucket).
 
 from __future__ import annotations
 
+import json
 import random
 from bisect import bisect_right
 from collections import defaultdict
@@ -622,6 +623,56 @@ async def test_an_answer_carries_an_etag_and_a_current_copy_gets_304(
         URL, params={"organization_id": organization_id}, headers={"X-API-Key": key}
     )
     assert plain.headers["etag"] != changed.headers["etag"]
+
+
+async def test_a_series_answer_is_the_json_of_its_content_byte_for_byte(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    # The buckets are written by hand (series_answer): they must read exactly as the
+    # standard encoder writes the rest, names that need escaping included.
+    name = 'Zoë "Ü" \\ 東京'
+    organization_id = await make_organization(engine, name)
+    key = await make_key(engine, "admin", write=True)
+    await post_events(
+        client,
+        key,
+        [
+            event(organization_id, quantity=7, occurred_at="2026-03-29T00:30:00Z"),
+            event(
+                organization_id,
+                type="mms",
+                direction="inbound",
+                quantity=2,
+                occurred_at="2026-03-29T01:00:00Z",
+            ),
+            event(
+                organization_id,
+                type="voice",
+                quantity=61,
+                knowledge_base=True,
+                occurred_at="2026-03-29T01:59:59.999999Z",
+            ),
+        ],
+    )
+    params = {
+        "organization_id": organization_id,
+        "start_date": "2026-03-29T01:00",
+        "end_date": "2026-03-29T03:59",
+        "timezone": "Europe/Berlin",
+        "granularity": "hour",
+    }
+    response = await client.get(URL, params=params, headers={"X-API-Key": key})
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert (
+        response.content
+        == json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    )
+    assert body["usage"]["organization_name"] == name
+    assert body["usage"]["buckets"] == [
+        zero_bucket("2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00", (7, 0, 0, 0, 0, 0)),
+        zero_bucket("2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00", (0, 0, 0, 2, 0, 61)),
+    ]
 
 
 async def test_a_series_as_csv_has_one_row_per_bucket(
