@@ -110,44 +110,57 @@ async def _last_page(client: httpx.AsyncClient, query: dict[str, str]) -> tuple[
         path = f"/v1/analytics/usage/breakdown?{urlencode(query | {'cursor': page['next_cursor']})}"
 
 
+# The series cases: (label, granularity, zone, first local day, last local day).
+SERIES_CASES = (
+    *(
+        (f"365-day daily, busy org, {zone}", "day", zone, date(2025, 1, 1), date(2025, 12, 31))
+        for zone in ("UTC", "America/New_York", "Asia/Kolkata")
+    ),
+    (
+        "31-day hourly, busy org, Europe/Berlin",
+        "hour",
+        "Europe/Berlin",
+        date(2025, 3, 10),
+        date(2025, 4, 9),
+    ),
+    (
+        "52 weeks, busy org, America/New_York",
+        "week",
+        "America/New_York",
+        date(2024, 12, 30),
+        date(2025, 12, 28),
+    ),
+    (
+        "12 months, busy org, America/New_York",
+        "month",
+        "America/New_York",
+        date(2025, 1, 1),
+        date(2025, 12, 31),
+    ),
+)
+
+
+def series_path(organization_id: str, unit: str, zone: str, first: date, last: date) -> str:
+    query = {
+        "organization_id": organization_id,
+        "start_date": first.isoformat(),
+        "end_date": last.isoformat(),
+        "timezone": zone,
+        "granularity": unit,
+    }
+    return f"/v1/analytics/usage?{urlencode(query)}"
+
+
 async def _cases(ctx: Context, client: httpx.AsyncClient) -> list[tuple[str, str, Naive]]:
     busy, wide = ctx.busy.id, ctx.orgs[ctx.params.wide].id
     partner = ctx.params.large_partner
     members = [o.id for o in ctx.orgs if o.partner_id == partner]
     year_first, year_last = date(2025, 1, 1), date(2025, 12, 31)
     cases: list[tuple[str, str, Naive]] = []
-
-    def series(label: str, unit: str, zone: str, first: date, last: date) -> None:
+    for label, unit, zone, first, last in SERIES_CASES:
         start, end = _local_range(first, last, zone)
-        query = {
-            "organization_id": busy,
-            "start_date": first.isoformat(),
-            "end_date": last.isoformat(),
-            "timezone": zone,
-            "granularity": unit,
-        }
         naive = Naive(_naive_series("organization_id = $1", unit, zone), (busy, start, end))
-        cases.append((label, f"/v1/analytics/usage?{urlencode(query)}", naive))
-
-    for zone in ("UTC", "America/New_York", "Asia/Kolkata"):
-        series(f"365-day daily, busy org, {zone}", "day", zone, year_first, year_last)
-    series(
-        "31-day hourly, busy org, Europe/Berlin",
-        "hour",
-        "Europe/Berlin",
-        date(2025, 3, 10),
-        date(2025, 4, 9),
-    )
-    series(
-        "52 weeks, busy org, America/New_York",
-        "week",
-        "America/New_York",
-        date(2024, 12, 30),
-        date(2025, 12, 28),
-    )
-    series(
-        "12 months, busy org, America/New_York", "month", "America/New_York", year_first, year_last
-    )
+        cases.append((label, series_path(busy, unit, zone, first, last), naive))
 
     start, end = _local_range(date(2025, 6, 1), date(2025, 6, 30), "UTC")
     sort = "-sms.total"
