@@ -194,7 +194,7 @@ def plan(bounds: Sequence[datetime], top: Level) -> Plan:
     spans: list[Span] = []
     raw: list[RawSpan] = []
     memo: dict[Any, _Refined] = {}
-    offsets: dict[int, timedelta] = {}
+    offsets: dict[int, timedelta] = {}  # a few distinct ones a plan: made once each
     size = _SIZE_US[top]
     for first in sorted({at // size * size for at in us if at % size}):
         # Buckets as PostgreSQL's width_bucket: 0 before the first bound, n + 1 from the last.
