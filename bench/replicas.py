@@ -7,7 +7,8 @@ One run, one machine: a durable embedded primary (fsync and synchronous_commit o
 hot standby of it (tests/support/replica.py), a small dataset (one organization, a year of
 events, folded), and two apps in this process, one reading the primary only, the other
 with `DATABASE_READ_URLS` set to the standby. Requests go through the whole ASGI app
-(httpx.ASGITransport), alternating between the two apps round by round. Prints Markdown.
+(httpx.ASGITransport), alternating between the two apps round by round: counters, a
+365-day range and 365-day daily series (UTC and America/New_York). Prints Markdown.
 """
 
 from __future__ import annotations
@@ -37,6 +38,23 @@ from usage_api.replicas import Fence, Reads
 
 YEAR = datetime(2025, 1, 1, tzinfo=UTC)
 RANGE = {"start_date": "2025-01-01T10:17:00Z", "end_date": "2025-12-31T15:43:00Z"}
+# The reads of section 1: what a dashboard polls. The series are the year by day, 365
+# buckets, in UTC and in a zone whose days are not UTC's (and change offset twice).
+READS: dict[str, dict[str, str]] = {
+    "counter": {},
+    "365 days": RANGE,
+    "365-day series by day, UTC": {
+        "start_date": "2025-01-01",
+        "end_date": "2025-12-31",
+        "granularity": "day",
+    },
+    "365-day series by day, America/New_York": {
+        "start_date": "2025-01-01",
+        "end_date": "2025-12-31",
+        "granularity": "day",
+        "timezone": "America/New_York",
+    },
+}
 
 
 async def no_fence() -> int:
@@ -137,12 +155,19 @@ async def run(
                 "/v1/analytics/usage", params={"organization_id": organization_id}, headers=headers
             )
 
-        def year(http: httpx.AsyncClient) -> Callable[[], Awaitable[httpx.Response]]:
+        def read(
+            http: httpx.AsyncClient, params: dict[str, str]
+        ) -> Callable[[], Awaitable[httpx.Response]]:
             return lambda: http.get(
                 "/v1/analytics/usage",
-                params={"organization_id": organization_id, **RANGE},
+                params={"organization_id": organization_id, **params},
                 headers=headers,
             )
+
+        # The same answer from each app: a replica never serves another (staler) one.
+        for params in READS.values():
+            answers = [(await read(http, params)()).json() for http in (on_primary, on_replica)]
+            assert answers[0] == answers[1], params
 
         def ingest(http: httpx.AsyncClient) -> Callable[[], Awaitable[httpx.Response]]:
             return lambda: http.post(
@@ -163,23 +188,23 @@ async def run(
                 ("via replica", on_replica),
                 ("unfenced", on_replica_unfenced),
             ):
-                for kind, make in (("counter", counter), ("365 days", year)):
+                for kind, params in READS.items():
                     began_cpu = time.process_time()
                     results.setdefault(f"{kind}, {name}", []).extend(
-                        await timed(make(http), per_round)
+                        await timed(read(http, params), per_round)
                     )
                     spent = (time.process_time() - began_cpu) / (rounds * per_round)
                     cpu[f"{kind}, {name}"] = cpu.get(f"{kind}, {name}", 0.0) + spent
         print("## One read at a time, no concurrent writes (ms, median / p99)\n")
         print("| read | primary alone | via the replica, fenced | on the replica, no fence |")
         print("| --- | --- | --- | --- |")
-        for kind in ("counter", "365 days"):
+        for kind in READS:
             cells = [
                 ms(results[f"{kind}, {name}"])
                 for name in ("primary alone", "via replica", "unfenced")
             ]
             print(f"| {kind} | {' | '.join(cells)} |")
-        for kind in ("counter", "365 days"):
+        for kind in READS:
             cells = [
                 f"{cpu[f'{kind}, {name}'] * 1000:.2f}"
                 for name in ("primary alone", "via replica", "unfenced")

@@ -11,6 +11,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from html import unescape
 from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,6 +36,7 @@ from usage_api.directory import put_organization
 from usage_api.schemas import OrganizationIn
 
 USAGE = "/v1/analytics/usage"
+BREAKDOWN = "/v1/analytics/usage/breakdown"
 METRICS = [name for name, _, _ in METRIC_COLUMNS]
 BERLIN_WEEK = {
     "period": "custom",
@@ -97,6 +99,11 @@ def read_page(html: str) -> Page:
 def flat(usage: dict[str, Any]) -> dict[str, int]:
     """A usage object's nine numbers under the page's metric names."""
     return {name: usage[path[0]][path[1]] for name, _, path in METRIC_COLUMNS}
+
+
+def flat_csv(row: dict[str, str]) -> dict[str, int]:
+    """A CSV row's nine numbers under the page's metric names."""
+    return {name: int(row[name.replace(".", "_")]) for name in METRICS}
 
 
 def last_instant(end: str) -> str:
@@ -623,6 +630,45 @@ async def test_presets_cover_whole_local_days(
         )
 
 
+def next_page(html: str) -> str | None:
+    """The table's "Next page" link, as the browser would follow it."""
+    found = re.search(r'<a href="([^"]*)" rel="next">', html)
+    return unescape(found.group(1)) if found else None
+
+
+def cursor_of(link: str) -> str:
+    return parse_qs(urlsplit(link).query)["cursor"][0]
+
+
+async def walk_table(
+    client: httpx.AsyncClient, path: str, params: dict[str, str]
+) -> list[tuple[Page, str | None]]:
+    """Every page of a view's table, following its "Next page" links: each page with
+    the link it gave to the next."""
+    pages = []
+    response = await client.get(path, params=params)
+    while True:
+        assert response.status_code == 200, response.text
+        link = next_page(response.text)
+        pages.append((read_page(response.text), link))
+        if link is None:
+            return pages
+        response = await client.get(link)
+
+
+async def api_breakdown(client: httpx.AsyncClient, key: str, **params: str) -> dict[str, Any]:
+    response = await client.get(BREAKDOWN, params=params, headers={"X-API-Key": key})
+    assert response.status_code == 200, response.text
+    breakdown: dict[str, Any] = response.json()["breakdown"]
+    return breakdown
+
+
+def api_rows(breakdown: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
+    """A breakdown page's rows as the page shows them: member id ('' for none), numbers."""
+    member = f"{breakdown['group_by']}_id"
+    return [(row[member] or "", flat(row)) for row in breakdown["rows"]]
+
+
 async def test_sorting_and_paging_the_table(
     client: httpx.AsyncClient, engine: AsyncEngine, tenants: Tenants
 ) -> None:
@@ -644,19 +690,195 @@ async def test_sorting_and_paging_the_table(
     await sign_in(client, tenants.admin_key)
     path = f"/dashboard/organizations/{tenants.organization_id}"
     params = {**BERLIN_WEEK, "sort": "-voice.total_seconds"}
-    first = read_page((await client.get(path, params=params)).text)
-    second = read_page((await client.get(path, params={**params, "page": "2"})).text)
-    rows = first.rows + second.rows
-    assert len(first.rows) == 25 and len(rows) == 33  # 32 users and the usage without one
-    ranked = [(-values["voice.total_seconds"], member) for member, values in rows]
-    assert ranked == sorted(ranked)  # descending, ties by id
     response = await client.get(path, params=params)
     assert 'aria-sort="descending"' in response.text
-    assert "Page 1 of 2" in response.text
+    assert "Page 1 · 32 users in all" in read_page(response.text).text
+    assert "First page" not in response.text
     assert "sort=voice.total_seconds" in response.text  # the heading's link turns it around
+    link = next_page(response.text)
+    assert link is not None and "page=2" in link
+    second = await client.get(link)
+    assert "Page 2 · 32 users in all" in read_page(second.text).text
+    assert next_page(second.text) is None
+    assert "First page" in second.text
+    rows = read_page(response.text).rows + read_page(second.text).rows
+    assert len(read_page(response.text).rows) == 25 and len(rows) == 33  # and no user's
+    ranked = [(-values["voice.total_seconds"], member) for member, values in rows]
+    assert ranked == sorted(ranked)  # descending, ties by id
     by_name = read_page((await client.get(path, params={**BERLIN_WEEK, "sort": "name"})).text)
     assert by_name.rows[0][0] == ""  # the usage without a user has no name: first
     assert by_name.rows[1][0] == tenants.user_ids[0]  # Anna
+
+
+@pytest.mark.parametrize(
+    "sort", ["-sms.total", "name", "id", "voice.kb_seconds", "-mms.inbound", "-voice.seconds"]
+)
+async def test_paging_the_table_by_its_cursor_lists_every_member_once_as_the_api_does(
+    client: httpx.AsyncClient, engine: AsyncEngine, tenants: Tenants, sort: str
+) -> None:
+    organization_id = await make_organization(engine, "Initech", partner_id=tenants.partner_id)
+    # 61 users, three pages of 25; every sort meets ties, and some users used nothing.
+    users = [
+        await make_user(engine, organization_id, f"Member {n % 17:02d}", f"m{n}@example.com")
+        for n in range(61)
+    ]
+    expected = {user_id: [0] * 6 for user_id in [*users, ""]}
+    events = []
+    for n, user_id in enumerate([*users, None, None]):
+        if n % 10 == 3:
+            continue  # no usage at all: a row of zeros
+        kinds = (
+            ("sms", "outbound", None, 1 + n % 5, 0),
+            ("sms", "inbound", None, 1 + n % 3, 1),
+            ("mms", "inbound", None, n % 4 + 1, 3),
+            ("voice", "outbound", False, 60 * (n % 6), 4),
+            ("voice", "inbound", True, 30 * (n % 4), 5),
+        )
+        for m, (kind, direction, kb, quantity, column) in enumerate(kinds):
+            # Inside Berlin's week, and once more the hour before it starts: not counted.
+            for at, counted in (("2026-03-30T10:00:00Z", True), ("2026-03-26T22:30:00Z", False)):
+                events.append(
+                    event(
+                        organization_id,
+                        f"e{n}-{m}-{counted}",
+                        type=kind,
+                        direction=direction,
+                        knowledge_base=kb,
+                        quantity=quantity,
+                        user_id=user_id,
+                        occurred_at=at,
+                    )
+                )
+                if counted:
+                    expected[user_id or ""][column] += quantity
+    await post_events(client, tenants.admin_key, events)
+    await sign_in(client, tenants.admin_key)
+
+    path = f"/dashboard/organizations/{organization_id}"
+    pages = await walk_table(client, path, {**BERLIN_WEEK, "sort": sort})
+    assert len(pages) == 3
+    # Each page is the API's breakdown page for the same question, cursor for cursor.
+    question = {
+        "organization_id": organization_id,
+        "start_date": BERLIN_WEEK["start"],
+        "end_date": BERLIN_WEEK["end"],
+        "timezone": BERLIN_WEEK["tz"],
+        "sort": sort,
+        "limit": "25",
+    }
+    cursor = None
+    for page, link in pages:
+        answer = await api_breakdown(
+            client, tenants.admin_key, **question, **({"cursor": cursor} if cursor else {})
+        )
+        assert page.rows == api_rows(answer)
+        assert (cursor_of(link) if link else None) == answer["next_cursor"]
+        cursor = answer["next_cursor"]
+    # Every member once, the usage without a user too, with exactly its sums.
+    rows = [row for page, _ in pages for row in page.rows]
+    assert [len(page.rows) for page, _ in pages] == [25, 25, 12]
+    assert sorted(member for member, _ in rows) == sorted(expected)
+
+    def nine(values: list[int]) -> dict[str, int]:
+        sms_out, sms_in, mms_out, mms_in, voice, voice_kb = values
+        usage = {
+            "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
+            "mms": {"outbound": mms_out, "inbound": mms_in, "total": mms_out + mms_in},
+            "voice": {"seconds": voice, "kb_seconds": voice_kb, "total_seconds": voice + voice_kb},
+        }
+        return flat(usage)
+
+    assert dict(rows) == {member: nine(values) for member, values in expected.items()}
+    # Sorted as the API sorts: by the column, ties by id ascending.
+    field = sort.removeprefix("-")
+    names = {user_id: f"Member {n % 17:02d}" for n, user_id in enumerate(users)}
+    if field in ("id", "name"):
+        keys = [(names.get(m, "") if field == "name" else m, m) for m, _ in rows]
+        assert keys == sorted(keys, reverse=sort.startswith("-"))
+    else:
+        sign = -1 if sort.startswith("-") else 1
+        assert [(sign * v[field], m) for m, v in rows] == sorted(
+            (sign * v[field], m) for m, v in rows
+        )
+    # The rows add up to the period's totals, the API's breakdown's and the page's.
+    totals = flat(await api_breakdown(client, tenants.admin_key, **question))
+    for metric in METRICS:
+        assert sum(values[metric] for _, values in rows) == totals[metric]
+        assert pages[0][0].totals[metric] == totals[metric]
+
+
+async def test_a_partners_table_pages_its_organizations_by_the_cursor(
+    client: httpx.AsyncClient, engine: AsyncEngine, tenants: Tenants
+) -> None:
+    organizations = [
+        await make_organization(engine, f"Branch {n:02d}", partner_id=tenants.partner_id)
+        for n in range(28)
+    ]
+    events = [
+        event(organization_id, f"b{n}", quantity=n % 4 + 1, occurred_at="2026-03-30T10:00:00Z")
+        for n, organization_id in enumerate(organizations)
+    ]
+    await post_events(client, tenants.admin_key, events)
+    await sign_in(client, tenants.admin_key)
+    pages = await walk_table(
+        client, f"/dashboard/partners/{tenants.partner_id}", {**BERLIN_WEEK, "sort": "-sms.total"}
+    )
+    assert [len(page.rows) for page, _ in pages] == [25, 5]
+    assert "Page 1 · 30 organizations in all" in pages[0][0].text
+    rows = [row for page, _ in pages for row in page.rows]
+    question = {
+        "partner_id": tenants.partner_id,
+        "start_date": BERLIN_WEEK["start"],
+        "end_date": BERLIN_WEEK["end"],
+        "timezone": BERLIN_WEEK["tz"],
+        "sort": "-sms.total",
+        "limit": "1000",
+    }
+    answer = await api_breakdown(client, tenants.admin_key, **question)
+    assert rows == api_rows(answer)
+    assert sorted(member for member, _ in rows) == sorted(
+        [*organizations, tenants.organization_id, tenants.other_organization_id]
+    )
+    for metric in METRICS:
+        assert sum(values[metric] for _, values in rows) == flat(answer)[metric]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sort": "name"},  # the cursor was made for another sort
+        {"tz": "UTC"},  # another zone: other days
+        {"cursor": "not-a-cursor"},
+    ],
+)
+async def test_a_cursor_for_another_question_shows_the_first_page_and_says_so(
+    client: httpx.AsyncClient, tenants: Tenants, change: dict[str, str]
+) -> None:
+    await sign_in(client, tenants.admin_key)
+    path = f"/dashboard/organizations/{tenants.organization_id}"
+    params = {**BERLIN_WEEK, "sort": "id"}
+    api = await api_breakdown(
+        client,
+        tenants.admin_key,
+        organization_id=tenants.organization_id,
+        start_date=BERLIN_WEEK["start"],
+        end_date=BERLIN_WEEK["end"],
+        timezone=BERLIN_WEEK["tz"],
+        sort="id",
+        limit="1",
+    )
+    assert api["next_cursor"] is not None
+    response = await client.get(
+        path, params={**params, "cursor": api["next_cursor"], "page": "2", **change}
+    )
+    assert response.status_code == 200
+    page = read_page(response.text)
+    assert "The table&#39;s page link was made for other filters" in response.text
+    assert "Page 1 · 2 users in all" in page.text
+    first = await client.get(
+        path, params={**params, **{k: v for k, v in change.items() if k != "cursor"}}
+    )
+    assert page.rows == read_page(first.text).rows
 
 
 async def test_csv_downloads_are_what_the_page_shows(
@@ -686,6 +908,40 @@ async def test_csv_downloads_are_what_the_page_shows(
     assert [row["user_id"] for row in table] == [member for member, _ in page.rows]
     for row, (_, values) in zip(table, page.rows, strict=True):
         assert [int(row[c]) for c in columns] == [values[m] for m in METRICS]
+    # Byte for byte the API's CSV of the same breakdown.
+    api = await client.get(
+        BREAKDOWN,
+        params={
+            "organization_id": tenants.organization_id,
+            "start_date": BERLIN_WEEK["start"],
+            "end_date": BERLIN_WEEK["end"],
+            "timezone": BERLIN_WEEK["tz"],
+            "sort": "-sms.total",
+            "format": "csv",
+        },
+        headers={"X-API-Key": tenants.admin_key},
+    )
+    assert response.text == api.text
+
+
+async def test_the_tables_csv_holds_every_page_of_the_table(
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    tenants: Tenants,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for n in range(5):
+        await make_user(engine, tenants.organization_id, f"Extra {n}")
+    # Pages of 2 rows, so that the download walks the breakdown's cursor four times.
+    monkeypatch.setattr("usage_api.dashboard.figures.MAX_LIMIT", 2)
+    await sign_in(client, tenants.admin_key)
+    path = f"/dashboard/organizations/{tenants.organization_id}"
+    params = {**BERLIN_WEEK, "sort": "name"}
+    response = await client.get(path, params={**params, "download": "table"})
+    table = list(csv.DictReader(io.StringIO(response.text)))
+    assert len(table) == 8  # Anna, Ben, five more, and the usage without a user
+    shown = read_page((await client.get(path, params=params)).text).rows
+    assert [(row["user_id"], flat_csv(row)) for row in table] == shown
 
 
 # Words for every state

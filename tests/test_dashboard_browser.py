@@ -27,13 +27,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.support.factories import event, make_key
+from tests.support.factories import event, make_key, make_user
 from tests.support.servers import LiveServer
 from tests.test_dashboard import (
     BERLIN_WEEK,
     METRICS,
     Page,
     Tenants,
+    api_rows,
     assert_page_equals_api,
     make_tenants,
     post_events,
@@ -336,6 +337,48 @@ async def test_the_browser_shows_the_apis_numbers_and_filters_live_in_the_url(
         "2026-03-27",
         "2026-04-02",
     )
+
+
+async def test_the_table_pages_by_keyboard_through_the_breakdowns_cursor(
+    visit: Visit, live: httpx.AsyncClient, engine: AsyncEngine, tenants: Tenants
+) -> None:
+    for n in range(30):
+        await make_user(engine, tenants.organization_id, f"Member {n:02d}")
+    await visit.sign_in(tenants.admin_key)
+    query = "&".join(f"{k}={v}" for k, v in BERLIN_WEEK.items()).replace("/", "%2F")
+    await visit.goto(f"/dashboard/organizations/{tenants.organization_id}?{query}&sort=name")
+    first = await read_numbers(visit.page)
+    # By keyboard alone: focus the link, as Tab would reach it, and press Enter.
+    await visit.page.focus("a[rel=next]")
+    await visit.page.keyboard.press("Enter")
+    await visit.settled()
+    assert visit.query()["page"] == ["2"]
+    second = await read_numbers(visit.page)
+    assert "Page 2 · 32 users in all" in second.text
+    assert await visit.page.locator("a[rel=next]").count() == 0
+    question = {
+        "organization_id": tenants.organization_id,
+        "start_date": BERLIN_WEEK["start"],
+        "end_date": BERLIN_WEEK["end"],
+        "timezone": BERLIN_WEEK["tz"],
+        "sort": "name",
+        "limit": "25",
+    }
+    pages = []
+    for cursor in (None, visit.query()["cursor"][0]):
+        response = await live.get(
+            "/v1/analytics/usage/breakdown",
+            params={**question, **({"cursor": cursor} if cursor else {})},
+            headers={"X-API-Key": tenants.admin_key},
+        )
+        pages.append(api_rows(response.json()["breakdown"]))
+    assert [first.rows, second.rows] == pages
+    assert len(first.rows) + len(second.rows) == 33  # 32 users and the usage without one
+    await visit.page.focus("text=First page")
+    await visit.page.keyboard.press("Enter")
+    await visit.settled()
+    assert "cursor" not in visit.query()
+    assert (await read_numbers(visit.page)).rows == first.rows
 
 
 async def test_csv_downloads_hold_what_the_page_shows(visit: Visit, tenants: Tenants) -> None:

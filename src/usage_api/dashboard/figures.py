@@ -1,8 +1,9 @@
 """The numbers a view shows, each one an answer of the API's own reads for the same
 question, asked with the session's key: the series and its totals from `read_series` (what
-`GET /v1/analytics/usage` answers with `granularity`), each table row from `read_usage`
-for its member. So the page can never disagree with the API, and sees what the key sees.
-An organization's usage without a user is its total less its users'.
+`GET /v1/analytics/usage` answers with `granularity`), and the table's pages from
+`read_breakdown` (what `GET /v1/analytics/usage/breakdown` answers), with its sort, its
+cursor and its rows, the organization's usage without a user included. So the page can
+never disagree with the API, and sees what the key sees.
 """
 
 from __future__ import annotations
@@ -11,20 +12,32 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from usage_api.analytics.query import UsageQuery, parse_usage_query
+from usage_api.analytics.breakdown import MAX_LIMIT, parse_breakdown_query, read_breakdown
+from usage_api.analytics.query import parse_usage_query
 from usage_api.analytics.series import read_series
-from usage_api.analytics.totals import metrics_of, read_usage
+from usage_api.analytics.totals import metrics_of
 from usage_api.dashboard.filters import FilterError, Filters
 from usage_api.dashboard.tenants import Member, Tenant
-from usage_api.dates import DateRange
 from usage_api.errors import ApiError
 from usage_api.replicas import Reads
-
-ZERO: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
 
 
 class KeyGone(Exception):
     """The session's key stopped being live between the session check and a read."""
+
+
+class StaleCursor(Exception):
+    """The table's cursor belongs to another question (other filters, or a preset period
+    that has moved on to another day since the link was made)."""
+
+
+def _in_words(exc: ApiError) -> Exception:
+    """An API error as the page tells it: a gone key, a filter in words, or as it is."""
+    if exc.status == 401:
+        return KeyGone()
+    if exc.status == 400:
+        return FilterError(exc.message[0].upper() + exc.message[1:] + ".")
+    return exc
 
 
 def metrics(values: tuple[int, ...]) -> dict[str, Any]:
@@ -37,25 +50,14 @@ def metrics(values: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def _minus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(x - y for x, y in zip(a, b, strict=True))
-
-
-async def _read(
-    engine: Reads, key_hash: bytes, kind: str, target_id: str, span: DateRange
-) -> tuple[int, ...] | None:
-    query = UsageQuery(
-        target_id if kind == "organization" else None,
-        target_id if kind == "user" else None,
-        span,
-    )
-    try:
-        _, usage = await read_usage(engine, key_hash, query)
-    except ApiError as exc:
-        if exc.status == 401:
-            raise KeyGone from None
-        raise
-    return None if usage is None else metrics_of(usage)
+def _question(tenant: Tenant, filters: Filters) -> dict[str, str]:
+    """The view's question in the API's parameters: its id, local dates and zone."""
+    return {
+        f"{tenant.kind}_id": tenant.id,
+        "start_date": filters.first_day.isoformat(),
+        "end_date": filters.last_day.isoformat(),
+        "timezone": filters.tz,
+    }
 
 
 @dataclass(frozen=True)
@@ -88,22 +90,12 @@ async def series(
     """The period's totals and buckets: the API's series answer to the same question
     (`GET /v1/analytics/usage` with the view's id, local dates, zone and granularity).
     None when the key no longer sees the tenant."""
-    params = {
-        f"{tenant.kind}_id": tenant.id,
-        "start_date": filters.first_day.isoformat(),
-        "end_date": filters.last_day.isoformat(),
-        "timezone": filters.tz,
-        "granularity": filters.granularity,
-    }
+    params = {**_question(tenant, filters), "granularity": filters.granularity}
     try:
         query = parse_usage_query(params)
         _, usage = await read_series(engine, key_hash, query)
     except ApiError as exc:
-        if exc.status == 401:
-            raise KeyGone from None
-        if exc.status == 400:
-            raise FilterError(exc.message[0].upper() + exc.message[1:] + ".") from None
-        raise
+        raise _in_words(exc) from None
     if usage is None:
         return None
     buckets = [
@@ -117,46 +109,63 @@ async def series(
     return metrics_of(usage), buckets
 
 
-async def breakdown(
+@dataclass(frozen=True)
+class TablePage:
+    rows: list[Row]
+    next_cursor: str | None  # the breakdown's, None on the last page
+
+
+def _member(group_by: str, row: dict[str, Any]) -> Member:
+    if group_by == "user":
+        return Member(row["user_id"], row["user_name"], row["user_email"])
+    return Member(row["organization_id"], row["organization_name"])
+
+
+async def table_page(
     engine: Reads,
     key_hash: bytes,
     tenant: Tenant,
-    members: list[Member],
-    total: tuple[int, ...],
     filters: Filters,
-) -> list[Row]:
-    """Every member's usage over the period, and for an organization its usage without a
-    user when that is not zero: rows that add up to `total`."""
-    if tenant.kind == "user":
-        return []
-    kind = "organization" if tenant.kind == "partner" else "user"
-    span = filters.span()
-    rows = []
-    for member in members:
-        assert member.id is not None
-        values = await _read(engine, key_hash, kind, member.id, span)
-        rows.append(Row(member, values or ZERO))
-    if tenant.kind == "organization":
-        rest = total
-        for row in rows:
-            rest = _minus(rest, row.values)
-        if rest != ZERO:
-            rows.append(Row(Member(None, None), rest))
-    return rows
+    limit: int,
+    cursor: str | None = None,
+) -> TablePage | None:
+    """A page of the table: the API's breakdown answer to the same question (the view's
+    id, local dates and zone, its sort, `limit` and `cursor`). None when the key no longer
+    sees the tenant."""
+    params = {**_question(tenant, filters), "sort": filters.sort, "limit": str(limit)}
+    try:
+        query = parse_breakdown_query(params)
+    except ApiError as exc:
+        raise _in_words(exc) from None
+    if cursor is not None:
+        # The rest of the question is known good: what is refused now is the cursor.
+        try:
+            query = parse_breakdown_query({**params, "cursor": cursor})
+        except ApiError:
+            raise StaleCursor from None
+    try:
+        _, answer = await read_breakdown(engine, key_hash, query)
+    except ApiError as exc:
+        raise _in_words(exc) from None
+    if answer is None:
+        return None
+    group_by = answer["group_by"]
+    rows = [Row(_member(group_by, row), metrics_of(row)) for row in answer["rows"]]
+    return TablePage(rows, answer["next_cursor"])
 
 
-def _sort_key(row: Row, field: str) -> Any:
-    if field == "id":
-        return row.member.id or ""
-    if field == "name":
-        return row.member.name or ""
-    kind, name = field.split(".")
-    value: int = row.usage[kind][name]
-    return value
-
-
-def sorted_rows(rows: list[Row], sort: str) -> list[Row]:
-    """Sorted by `sort` (`-` for descending), ties by id ascending, as the API sorts."""
-    field = sort.removeprefix("-")
-    by_id = sorted(rows, key=lambda row: row.member.id or "")
-    return sorted(by_id, key=lambda row: _sort_key(row, field), reverse=sort.startswith("-"))
+async def whole_table(
+    engine: Reads, key_hash: bytes, tenant: Tenant, filters: Filters
+) -> list[Row] | None:
+    """Every row of the table, in its order: its pages walked with the breakdown's cursor,
+    the largest a page may be (each page is its own snapshot, as in the API)."""
+    rows: list[Row] = []
+    cursor = None
+    while True:
+        page = await table_page(engine, key_hash, tenant, filters, MAX_LIMIT, cursor)
+        if page is None:
+            return None
+        rows += page.rows
+        if page.next_cursor is None:
+            return rows
+        cursor = page.next_cursor

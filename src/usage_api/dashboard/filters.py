@@ -1,5 +1,6 @@
 """A view's filters, read from and written back to its URL: period, granularity, time zone,
-the table's sort and page, live refresh. Periods are whole local days of the time zone."""
+the table's sort and position (the breakdown's cursor), live refresh. Periods are whole
+local days of the time zone."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import functools
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
-
-from usage_api.dates import DateRange
 
 PERIODS = {
     "today": "Today",
@@ -72,35 +71,15 @@ class Filters:
     granularity: str
     tz: str
     sort: str
+    # Where the table's page starts: the breakdown's `next_cursor` of the page before, None
+    # for the first page; `page` only numbers it for the reader.
+    cursor: str | None
     page: int
     live: bool
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.tz)
-
-    def local_midnight(self, day: date) -> datetime:
-        # fold=0: a midnight that does not exist starts the day at its first instant.
-        return datetime.combine(day, time(), tzinfo=self.zone)
-
-    @property
-    def start(self) -> datetime:
-        return self.local_midnight(self.first_day)
-
-    @property
-    def end(self) -> datetime:
-        """The exclusive end: the local midnight after the last day."""
-        return self.local_midnight(self.last_day + timedelta(days=1))
-
-    def span(self) -> DateRange:
-        start, end = self.start.astimezone(UTC), self.end.astimezone(UTC)
-        last = end - timedelta(microseconds=1)
-        return DateRange(
-            start,
-            end,
-            start.replace(tzinfo=None).isoformat(timespec="seconds") + "Z",
-            last.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z",
-        )
 
     def params(self, **changes: Any) -> dict[str, str]:
         """The URL's query for these filters, with `changes` applied."""
@@ -112,7 +91,8 @@ class Filters:
         query["granularity"] = filters.granularity
         query["tz"] = filters.tz
         query["sort"] = filters.sort
-        if filters.page > 1:
+        if filters.cursor is not None:
+            query["cursor"] = filters.cursor
             query["page"] = str(filters.page)
         if filters.live:
             query["live"] = "1"
@@ -175,6 +155,7 @@ def parse_filters(params: Mapping[str, str], tz: str, now: datetime) -> Filters:
     sort = params.get("sort") or DEFAULT_SORT
     if sort.removeprefix("-") not in SORTS:
         raise FilterError(f"Unknown sort {sort!r}.")
+    cursor = params.get("cursor") or None
     page_text = params.get("page") or "1"
     if not page_text.isdigit() or not 1 <= int(page_text) <= 1_000_000:
         raise FilterError("The page must be a whole number from 1.")
@@ -185,6 +166,7 @@ def parse_filters(params: Mapping[str, str], tz: str, now: datetime) -> Filters:
         granularity=granularity,
         tz=tz,
         sort=sort,
-        page=int(page_text),
+        cursor=cursor,
+        page=int(page_text) if cursor is not None else 1,
         live=params.get("live") == "1",
     )

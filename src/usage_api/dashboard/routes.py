@@ -9,6 +9,7 @@ nowhere else: the `/v1` API knows only `X-API-Key`.
 from __future__ import annotations
 
 import gzip
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -138,6 +139,11 @@ def _safe_next(value: str | None) -> str:
 
 def _message(request: Request, status: int, title: str, text: str, **context: Any) -> Response:
     return _page(request, "message.html", status, title=title, text=text, **context)
+
+
+def _gone(request: Request, kind: str) -> Response:
+    """The tenant left the key's scope between finding it and reading its numbers."""
+    return _message(request, 404, f"No such {kind}", "Your key may no longer see it.")
 
 
 def _unavailable(request: Request, exc: ApiError) -> Response:
@@ -305,7 +311,6 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         utc = f"{view_path}?{urlencode({**params, 'tz': 'UTC'})}"
         return _page(request, "choose_zone.html", **base, utc_url=utc)
     now = utc_now()
-    members = await engine.run(tenants.members, principal, tenant)
     try:
         filters = parse_filters(params, tz, now)
         answer = await figures.series(engine, session.key_hash, tenant, filters)
@@ -313,19 +318,34 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         return _page(
             request, "view.html", 400, **base, filters=None, error=str(exc), raw=dict(params)
         )
-    if answer is None:  # the tenant left the key's scope since it was found
-        return _message(request, 404, f"No such {kind}", "Your key may no longer see it.")
+    if answer is None:
+        return _gone(request, kind)
     total, buckets = answer
     download = params.get("download")
     if download == "series":
         return _csv(request, export.series_csv(buckets), tenant, filters, "series")
-    rows = await figures.breakdown(engine, session.key_hash, tenant, members, total, filters)
-    rows = figures.sorted_rows(rows, filters.sort)
     member_kind = "organization" if kind == "partner" else "user"
     if download == "table" and kind != "user":
+        rows = await figures.whole_table(engine, session.key_hash, tenant, filters)
+        if rows is None:
+            return _gone(request, kind)
         return _csv(request, export.table_csv(member_kind, rows), tenant, filters, "table")
-    pages = max(1, -(-len(rows) // PAGE_SIZE))
-    page = min(filters.page, pages)
+    table, notice, member_count = None, None, 0
+    if kind != "user":
+        try:
+            table = await figures.table_page(
+                engine, session.key_hash, tenant, filters, PAGE_SIZE, filters.cursor
+            )
+        except figures.StaleCursor:
+            filters = replace(filters, cursor=None, page=1)
+            notice = (
+                "The table's page link was made for other filters, or for a period that has"
+                " moved on since: here is its first page."
+            )
+            table = await figures.table_page(engine, session.key_hash, tenant, filters, PAGE_SIZE)
+        if table is None:
+            return _gone(request, kind)
+        member_count = await engine.run(tenants.member_count, principal, tenant)
     return _page(
         request,
         "view.html",
@@ -338,12 +358,11 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         buckets=buckets,
         bucket_count=len(buckets),
         charts=charts.stacked_charts(buckets, filters.granularity),
-        rows=rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
-        row_count=len(rows),
-        page=page,
-        pages=pages,
+        rows=table.rows if table else [],
+        next_cursor=table.next_cursor if table else None,
+        table_notice=notice,
         member_kind=member_kind,
-        members_known=len(members),
+        member_count=member_count,
         as_of=now.astimezone(filters.zone),
     )
 

@@ -90,24 +90,19 @@ async def find_user(conn: AsyncConnection, principal: Principal, user_id: str) -
     return Tenant("user", rows[0].id, rows[0].name, rows[0].email, parent=organization)
 
 
-async def members(conn: AsyncConnection, principal: Principal, tenant: Tenant) -> list[Member]:
-    """The organizations of a partner or the users of an organization, by id."""
+async def member_count(conn: AsyncConnection, principal: Principal, tenant: Tenant) -> int:
+    """How many organizations a partner has, or users an organization: the table's members
+    (its rows are the breakdown's, read in `figures`)."""
     if tenant.kind == "partner":
-        rows = await _rows(
-            conn,
-            "SELECT o.id, o.name FROM organizations o"
-            f" WHERE o.partner_id = :id AND {VISIBLE_ORGANIZATION} ORDER BY o.id",
-            {"id": tenant.id, **principal.scope_params()},
+        sql = (
+            "SELECT count(*) FROM organizations o"
+            f" WHERE o.partner_id = :id AND {VISIBLE_ORGANIZATION}"
         )
-        return [Member(row.id, row.name) for row in rows]
-    if tenant.kind == "organization":
-        rows = await _rows(
-            conn,
-            "SELECT u.id, u.name, u.email FROM users u WHERE u.organization_id = :id ORDER BY u.id",
-            {"id": tenant.id},
-        )
-        return [Member(row.id, row.name, row.email) for row in rows]
-    return []
+        params = {"id": tenant.id, **principal.scope_params()}
+    else:
+        sql, params = "SELECT count(*) FROM users WHERE organization_id = :id", {"id": tenant.id}
+    count: int = (await conn.execute(text(sql), params)).scalar_one()
+    return count
 
 
 async def admin_lists(conn: AsyncConnection, page: int) -> tuple[list[Tenant], list[Tenant], int]:
