@@ -8,6 +8,7 @@ Two ways to run:
 
 - `"requests"`: a list of `[label, path]` GETs, run `passes` times in order (after
   `warmup_passes` unrecorded passes), over `connections` sockets; statistics per label.
+  A request `[label, path, port]` goes to that port instead (two servers side by side).
 - `"duration_s"`: `connections` sockets send requests for `warmup_s + duration_s`
   seconds; only requests both started and finished in the measured window count. The
   requests are GETs from `paths` (random order), or ingestion bodies built on the fly
@@ -187,30 +188,38 @@ def _direction(rng: random.Random, outbound: float) -> str:
 
 async def run_list(spec: dict[str, Any]) -> dict[str, Any]:
     """Each labelled GET `passes` times, in order; per-label latency statistics."""
-    host, port, headers = spec["host"], spec["port"], spec.get("headers", {})
-    requests = [(label, _get(host, port, path, headers)) for label, path in spec["requests"]]
-    connections = [Connection(host, port) for _ in range(spec.get("connections", 1))]
+    host, headers = spec["host"], spec.get("headers", {})
+    requests = []
+    for label, path, *port in spec["requests"]:
+        to = port[0] if port else spec["port"]
+        requests.append((label, to, _get(host, to, path, headers)))
+    ports = {to for _, to, _ in requests}
+    # Each client has a socket to each server.
+    clients = [
+        {to: Connection(host, to) for to in ports} for _ in range(spec.get("connections", 1))
+    ]
     recorder = Recorder()
 
     async def run_pass(record: bool) -> None:
         queue = iter(requests)
 
-        async def worker(connection: Connection) -> None:
-            for label, raw in queue:
+        async def worker(connections: dict[int, Connection]) -> None:
+            for label, to, raw in queue:
                 started = time.perf_counter()
-                status, body = await connection.request(raw)
+                status, body = await connections[to].request(raw)
                 if record:
                     recorder.add(Sample(label, time.perf_counter() - started, status), body)
 
-        await asyncio.gather(*(worker(c) for c in connections))
+        await asyncio.gather(*(worker(c) for c in clients))
 
     for _ in range(spec.get("warmup_passes", 1)):
         await run_pass(record=False)
     for _ in range(spec.get("passes", 1)):
         await run_pass(record=True)
-    for connection in connections:
-        await connection.close()
-    labels = {label: None for label, _ in spec["requests"]}
+    for connections in clients:
+        for connection in connections.values():
+            await connection.close()
+    labels = {label: None for label, *_ in spec["requests"]}
     return {
         "labels": {
             label: summarize([s for s in recorder.samples if s.label == label], None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -80,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-root",
         type=Path,
         help="serve the API from this copy of the repository (to try a change to src/)",
+    )
+    parser.add_argument(
+        "--series-baseline",
+        type=Path,
+        help="in the series scenario, also time every request against the API of this"
+        " checkout (e.g. a worktree of main), in turn with this one's",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -183,7 +190,12 @@ async def run(url: str, bin_dir: Path | None, args: argparse.Namespace) -> dict[
         },
         "api_server": "`usage-api serve --workers N` (uvicorn, uvloop + httptools),"
         " USAGE_API_LOG_LEVEL=warning"
-        + (f", served from {args.api_root}" if args.api_root else ""),
+        + (f", served from {args.api_root}" if args.api_root else "")
+        + (
+            f"; series also timed against {args.series_baseline}, request by request"
+            if args.series_baseline
+            else ""
+        ),
         "workers": args.workers,
         "pool_size": args.pool_size,
         "connections": args.connections,
@@ -225,8 +237,17 @@ async def _scenarios(
                 results["exactness"] = await scenarios.exactness(ctx, api.port, 1000, window)
 
     if "series" in args.scenarios:
-        async with serving(spec("api", args.workers), logs) as api:
-            timings = await series_scenario.timings(ctx, api.port)
+        async with contextlib.AsyncExitStack() as stack:
+            api = await stack.enter_async_context(serving(spec("api", args.workers), logs))
+            baseline = None
+            if args.series_baseline is not None:
+                baseline_spec = ServerSpec(
+                    "api", args.workers, args.pool_size, url, args.series_baseline
+                )
+                baseline = await stack.enter_async_context(serving(baseline_spec, logs))
+            timings = await series_scenario.timings(
+                ctx, api.port, baseline.port if baseline else None
+            )
             log("series: random series and breakdowns against the raw log")
             results["series"] = {
                 "timings": timings,

@@ -110,44 +110,57 @@ async def _last_page(client: httpx.AsyncClient, query: dict[str, str]) -> tuple[
         path = f"/v1/analytics/usage/breakdown?{urlencode(query | {'cursor': page['next_cursor']})}"
 
 
+# The issue's series cases: (label, granularity, zone, first local day, last local day).
+SERIES_CASES = (
+    *(
+        (f"365-day daily, busy org, {zone}", "day", zone, date(2025, 1, 1), date(2025, 12, 31))
+        for zone in ("UTC", "America/New_York", "Asia/Kolkata")
+    ),
+    (
+        "31-day hourly, busy org, Europe/Berlin",
+        "hour",
+        "Europe/Berlin",
+        date(2025, 3, 10),
+        date(2025, 4, 9),
+    ),
+    (
+        "52 weeks, busy org, America/New_York",
+        "week",
+        "America/New_York",
+        date(2024, 12, 30),
+        date(2025, 12, 28),
+    ),
+    (
+        "12 months, busy org, America/New_York",
+        "month",
+        "America/New_York",
+        date(2025, 1, 1),
+        date(2025, 12, 31),
+    ),
+)
+
+
+def series_path(organization_id: str, unit: str, zone: str, first: date, last: date) -> str:
+    query = {
+        "organization_id": organization_id,
+        "start_date": first.isoformat(),
+        "end_date": last.isoformat(),
+        "timezone": zone,
+        "granularity": unit,
+    }
+    return f"/v1/analytics/usage?{urlencode(query)}"
+
+
 async def _cases(ctx: Context, client: httpx.AsyncClient) -> list[tuple[str, str, Naive]]:
     busy, wide = ctx.busy.id, ctx.orgs[ctx.params.wide].id
     partner = ctx.params.large_partner
     members = [o.id for o in ctx.orgs if o.partner_id == partner]
     year_first, year_last = date(2025, 1, 1), date(2025, 12, 31)
     cases: list[tuple[str, str, Naive]] = []
-
-    def series(label: str, unit: str, zone: str, first: date, last: date) -> None:
+    for label, unit, zone, first, last in SERIES_CASES:
         start, end = _local_range(first, last, zone)
-        query = {
-            "organization_id": busy,
-            "start_date": first.isoformat(),
-            "end_date": last.isoformat(),
-            "timezone": zone,
-            "granularity": unit,
-        }
         naive = Naive(_naive_series("organization_id = $1", unit, zone), (busy, start, end))
-        cases.append((label, f"/v1/analytics/usage?{urlencode(query)}", naive))
-
-    for zone in ("UTC", "America/New_York", "Asia/Kolkata"):
-        series(f"365-day daily, busy org, {zone}", "day", zone, year_first, year_last)
-    series(
-        "31-day hourly, busy org, Europe/Berlin",
-        "hour",
-        "Europe/Berlin",
-        date(2025, 3, 10),
-        date(2025, 4, 9),
-    )
-    series(
-        "52 weeks, busy org, America/New_York",
-        "week",
-        "America/New_York",
-        date(2024, 12, 30),
-        date(2025, 12, 28),
-    )
-    series(
-        "12 months, busy org, America/New_York", "month", "America/New_York", year_first, year_last
-    )
+        cases.append((label, series_path(busy, unit, zone, first, last), naive))
 
     start, end = _local_range(date(2025, 6, 1), date(2025, 6, 30), "UTC")
     sort = "-sms.total"
@@ -197,21 +210,32 @@ async def _cases(ctx: Context, client: httpx.AsyncClient) -> list[tuple[str, str
     return cases
 
 
-async def timings(ctx: Context, port: int) -> dict[str, Any]:
+BASELINE = " (baseline)"
+
+
+async def timings(ctx: Context, port: int, baseline_port: int | None = None) -> dict[str, Any]:
+    """p50/p99 of each case over HTTP beside its naive query. With `baseline_port` (another
+    checkout's API on the same database), every request also goes there, right after or
+    right before (in turn), so that both are timed in the same conditions."""
     passes, naive_samples = (10, 3) if ctx.quick else (30, 5)
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": ctx.read_key}, timeout=120
     ) as client:
         cases = await _cases(ctx, client)
-    log(f"series: {len(cases)} cases x {passes} HTTP requests, one at a time")
+    requests: list[list[Any]] = []
+    for i, (label, path, _) in enumerate(cases):
+        pair = [[label, path, port]]
+        if baseline_port is not None:
+            pair.append([label + BASELINE, path, baseline_port])
+        requests += pair if i % 2 == 0 else pair[::-1]
+    log(f"series: {len(requests)} requests x {passes} passes over HTTP, one at a time")
     await ctx.cpu.wait_quiet()
     since = ctx.cpu.sample()
     http = await load(
         {
             "host": "127.0.0.1",
-            "port": port,
             "headers": {"X-API-Key": ctx.read_key},
-            "requests": [[label, path] for label, path, _ in cases],
+            "requests": requests,
             "connections": 1,
             "warmup_passes": 2,
             "passes": passes,
@@ -231,6 +255,21 @@ async def timings(ctx: Context, port: int) -> dict[str, Any]:
                 samples.append((time.perf_counter() - began) * 1000)
             api = http["labels"][label]
             naive_p50 = percentile(samples, 0.5)
+            baseline = http["labels"].get(label + BASELINE)
+            if baseline is not None:
+                rows.append(
+                    {
+                        "case": label + BASELINE,
+                        "api_p50_ms": baseline["p50_ms"],
+                        "api_p99_ms": baseline["p99_ms"],
+                        "api_errors": baseline["errors"],
+                        "requests": baseline["count"],
+                        "naive_p50_ms": naive_p50,
+                        "naive_p99_ms": percentile(samples, 0.99),
+                        "naive_samples": len(samples),
+                        "speedup": naive_p50 / baseline["p50_ms"],
+                    }
+                )
             rows.append(
                 {
                     "case": label,
@@ -516,6 +555,8 @@ SPEEDUP_TARGET = 20.0
 
 def _verdict(cell: dict[str, Any]) -> str:
     misses = []
+    if cell["case"].endswith(BASELINE):
+        return "(the baseline checkout, for comparison)"
     target = _TARGETS.get(cell["case"])
     if target is not None and cell["api_p50_ms"] > target:
         misses.append(f"p50 {cell['api_p50_ms'] / target:.1f}x the {target:g} ms target")

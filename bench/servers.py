@@ -263,7 +263,8 @@ class RunningServer:
         self.spec = spec
         self.port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{spec.name}-w{spec.workers}.log"
+        copy = f"-{spec.api_root.name}" if spec.name == "api" and spec.api_root else ""
+        self.log_path = log_dir / f"{spec.name}{copy}-w{spec.workers}.log"
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             spec.command(self.port),

@@ -162,6 +162,55 @@ def test_floor_and_following_bracket_every_instant(
     assert calendar.following(floor) == following
 
 
+def chained_following(
+    calendar: Calendar, start: datetime, end: datetime
+) -> list[tuple[datetime, datetime]]:
+    """`[start, end)` cut by applying `following` again and again: what `buckets` must equal."""
+    cut, at = [], start
+    while at < end:
+        following = min(calendar.following(at), end)
+        cut.append((at, following))
+        at = following
+    return cut
+
+
+# Zones whose changes the 15-minute grid of the oracle does not all see, or that skip a
+# whole day (Samoa, 2011-12-30), change twice a year (Casablanca's Ramadan), by two hours
+# (Troll) or sit 12:45 or 14 hours from UTC.
+ODD_ZONES = (
+    "Pacific/Apia",
+    "Pacific/Kiritimati",
+    "Pacific/Chatham",
+    "Africa/Casablanca",
+    "Antarctica/Troll",
+    "America/St_Johns",
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(ZONES + ODD_ZONES),
+    st.sampled_from(GRANULARITIES),
+    st.datetimes(datetime(1900, 1, 1), datetime(2040, 1, 1)),
+    st.floats(0.000001, 1.0),
+)
+def test_a_range_is_cut_as_following_cuts_it_again_and_again(
+    zone: str, unit: Granularity, start: datetime, share: float
+) -> None:
+    calendar = Calendar(ZoneInfo(zone), unit)
+    begin = start.replace(tzinfo=UTC)
+    days = {"hour": 40, "day": 990, "week": 6900, "month": 30000}[unit]
+    end = begin + share * days * timedelta(days=1)
+    assert calendar.buckets(begin, end) == chained_following(calendar, begin, end)
+
+
+def test_a_day_samoa_skipped_has_no_bucket() -> None:
+    assert labels("Pacific/Apia", "day", "2011-12-29", "2011-12-31") == [
+        ("2011-12-29T00:00:00-10:00", "2011-12-31T00:00:00+14:00"),
+        ("2011-12-31T00:00:00+14:00", "2012-01-01T00:00:00+14:00"),
+    ]
+
+
 FORMS = st.one_of(
     st.dates(min_value=datetime(1000, 1, 1).date(), max_value=datetime(9998, 1, 1).date()).map(str),
     st.builds(

@@ -8,6 +8,7 @@ spans of finer rows, raw events of cut quarter-hours in their own bucket).
 
 from __future__ import annotations
 
+import json
 import random
 from bisect import bisect_right
 from collections import defaultdict
@@ -112,6 +113,19 @@ def test_a_boundary_costs_less_than_half_a_row_of_each_level() -> None:
     )
     p = plan([cut[0][0], *(b for _, b in cut)], "day")
     assert p.rows() == {"raw": 0, "day": 366, "hour": 366 * 5, "quarter": 366 * 2}
+
+
+def test_each_day_a_zone_cuts_alike_moves_the_same_hours() -> None:
+    # New York's days start at 05:00Z: each UTC day counts in the local day of its noon,
+    # and its first five hours move to the local day before (out of the range: bucket 0).
+    utc = [datetime(2025, 1, day, 5, tzinfo=UTC) for day in (1, 2, 3, 4)]
+    p = plan(utc, "day")
+    assert (p.top_start, p.top_end) == (utc[0] - timedelta(hours=5), utc[-1] + timedelta(hours=19))
+    assert [(s.level, s.start, s.end, s.to, s.away) for s in p.spans] == [
+        ("hour", at - timedelta(hours=5), at, to, away)
+        for at, to, away in zip(utc, (0, 1, 2, 3), (1, 2, 3, 0), strict=True)
+    ]
+    assert p.raw == []
 
 
 # -- through HTTP, against real PostgreSQL -------------------------------------------------
@@ -464,6 +478,26 @@ async def test_1000_buckets_pass_and_1001_are_refused(
     )
 
 
+async def test_a_monthly_series_reaches_the_last_day_a_date_holds(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    organization_id = await make_organization(engine, "Acme")
+    key = await make_key(engine, "admin")
+    params = {
+        "organization_id": organization_id,
+        "granularity": "month",
+        "start_date": "9999-10-01",
+        "end_date": "9999-12-30",
+    }
+    response = await client.get(URL, headers={"X-API-Key": key}, params=params)
+    assert response.status_code == 200
+    assert [(b["start"], b["end"]) for b in response.json()["usage"]["buckets"]] == [
+        ("9999-10-01T00:00:00+00:00", "9999-11-01T00:00:00+00:00"),
+        ("9999-11-01T00:00:00+00:00", "9999-12-01T00:00:00+00:00"),
+        ("9999-12-01T00:00:00+00:00", "9999-12-31T00:00:00+00:00"),
+    ]
+
+
 async def test_a_series_without_end_date_runs_through_the_present_bucket(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
@@ -589,6 +623,56 @@ async def test_an_answer_carries_an_etag_and_a_current_copy_gets_304(
         URL, params={"organization_id": organization_id}, headers={"X-API-Key": key}
     )
     assert plain.headers["etag"] != changed.headers["etag"]
+
+
+async def test_a_series_answer_is_the_json_of_its_content_byte_for_byte(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    # The buckets are written by hand (series_answer): they must read exactly as the
+    # standard encoder writes the rest, names that need escaping included.
+    name = 'Zoë "Ü" \\ 東京'
+    organization_id = await make_organization(engine, name)
+    key = await make_key(engine, "admin", write=True)
+    await post_events(
+        client,
+        key,
+        [
+            event(organization_id, quantity=7, occurred_at="2026-03-29T00:30:00Z"),
+            event(
+                organization_id,
+                type="mms",
+                direction="inbound",
+                quantity=2,
+                occurred_at="2026-03-29T01:00:00Z",
+            ),
+            event(
+                organization_id,
+                type="voice",
+                quantity=61,
+                knowledge_base=True,
+                occurred_at="2026-03-29T01:59:59.999999Z",
+            ),
+        ],
+    )
+    params = {
+        "organization_id": organization_id,
+        "start_date": "2026-03-29T01:00",
+        "end_date": "2026-03-29T03:59",
+        "timezone": "Europe/Berlin",
+        "granularity": "hour",
+    }
+    response = await client.get(URL, params=params, headers={"X-API-Key": key})
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert (
+        response.content
+        == json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    )
+    assert body["usage"]["organization_name"] == name
+    assert body["usage"]["buckets"] == [
+        zero_bucket("2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00", (7, 0, 0, 0, 0, 0)),
+        zero_bucket("2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00", (0, 0, 0, 2, 0, 61)),
+    ]
 
 
 async def test_a_series_as_csv_has_one_row_per_bucket(

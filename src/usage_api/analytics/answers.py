@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -112,6 +113,32 @@ def conditional(request: Request, response: Response) -> Response:
 
 def json_answer(request: Request, content: Any) -> Response:
     return conditional(request, JSONResponse(content))
+
+
+def _json(value: Any) -> str:
+    # As JSONResponse renders.
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# A bucket's labels are ISO 8601 (digits, "-", ":", "T", "+"), nothing to escape.
+_BUCKET = (
+    '{{"start":"{}","end":"{}","sms":{{"outbound":{},"inbound":{},"total":{}}},'
+    '"mms":{{"outbound":{},"inbound":{},"total":{}}},'
+    '"voice":{{"seconds":{},"kb_seconds":{},"total_seconds":{}}}}}'
+).format
+
+
+def series_answer(request: Request, usage: dict[str, Any], powered_by: str) -> Response:
+    """`json_answer` of a series, byte for byte, with the buckets (up to 1000 objects of
+    three objects each) written by one format string each: json.dumps took most of the
+    Python time of a 743-bucket answer."""
+    head = {name: value for name, value in usage.items() if name != "buckets"}
+    buckets = ",".join([_BUCKET(b["start"], b["end"], *metric_cells(b)) for b in usage["buckets"]])
+    body = (
+        f'{{"success":true,"usage":{_json(head)[:-1]},"buckets":[{buckets}]}},'
+        f'"powered_by":{_json(powered_by)}}}'
+    )
+    return conditional(request, Response(body.encode(), media_type="application/json"))
 
 
 def csv_answer(request: Request, filename: str, body: bytes) -> Response:

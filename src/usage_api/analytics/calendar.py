@@ -121,6 +121,19 @@ def _wall_step(wall: datetime, unit: Granularity, steps: int) -> datetime:
     return wall + steps * size
 
 
+def _following_hour(zone: ZoneInfo, at: datetime) -> datetime:
+    """The next local hour after `at`, or the next change of offset if one comes first."""
+    local = _local(at, zone)
+    if local.minute or local.second or local.microsecond:
+        next_hour = at - (local - _wall_floor(local, "hour")) + _HOUR
+    else:  # on the hour, as every boundary but a range's start or a change of offset
+        next_hour = at + _HOUR
+    last = next_hour - _MICROSECOND
+    if _offset(last, zone) != local.utcoffset():
+        return _first_change(zone, at, last)
+    return next_hour
+
+
 @dataclass(frozen=True)
 class Calendar:
     """The units of one granularity in one zone."""
@@ -154,12 +167,7 @@ class Calendar:
 
     def _following(self, at: datetime) -> datetime:
         if self.unit == "hour":
-            local = _local(at, self.zone)
-            next_hour = at - (local - _wall_floor(local, "hour")) + _HOUR
-            last = next_hour - _MICROSECOND
-            if _offset(last, self.zone) != local.utcoffset():
-                return _first_change(self.zone, at, last)
-            return next_hour
+            return _following_hour(self.zone, at)
         wall = _wall_floor(_local(at, self.zone).replace(tzinfo=None), self.unit)
         wall = _wall_step(wall, self.unit, -1)
         while (boundary := resolve(wall, self.zone)) <= at:
@@ -178,10 +186,41 @@ class Calendar:
 
     def _cut(self, start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime]]:
         at = start
-        while at < end:
-            following = min(self.following(at), end)
-            yield at, following
-            at = following
+        for boundary in self._boundaries(start):
+            if boundary >= end:
+                break
+            yield at, boundary
+            at = boundary
+        yield at, end
+
+    def _boundaries(self, start: datetime) -> Iterator[datetime]:
+        """`following(start)`, then `following` of that, and so on, to MAX_INSTANT."""
+        zone = self.zone
+        if self.unit == "hour":
+            at = start
+            try:
+                while at < MAX_INSTANT:
+                    at = _following_hour(zone, at)
+                    yield at
+            except OverflowError:
+                yield MAX_INSTANT
+            return
+        # Local midnights a day, a week or a month apart are never resolved out of order
+        # (no offset changes by more than a day), so the boundaries after `start` are
+        # those midnights resolved one after the other, equal ones once: one `resolve`
+        # a bucket, where `following` would search from the unit's floor again.
+        try:
+            wall = _wall_floor(_local(start, zone).replace(tzinfo=None), self.unit)
+            wall = _wall_step(wall, self.unit, -1)
+            last = start
+            while last < MAX_INSTANT:
+                boundary = resolve(wall, zone)
+                if boundary > last:
+                    yield boundary
+                    last = boundary
+                wall = _wall_step(wall, self.unit, 1)
+        except (OverflowError, ValueError):  # past the last date a datetime holds
+            yield MAX_INSTANT
 
     def label(self, at: datetime) -> str:
         """ISO 8601 with the zone's own offset at that instant."""

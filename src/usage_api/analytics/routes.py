@@ -13,6 +13,7 @@ from usage_api.analytics.answers import (
     file_name,
     json_answer,
     metric_cells,
+    series_answer,
     wants_csv,
 )
 from usage_api.analytics.breakdown import csv_rows, parse_breakdown_query, read_breakdown
@@ -70,6 +71,8 @@ async def get_usage(request: Request) -> Response:
         rows = ([b["start"], b["end"], *metric_cells(b)] for b in usage["buckets"])
         filename = file_name("usage", query.user_id or query.organization_id, query.granularity)
         return csv_answer(request, filename, csv_body(["start", "end"], rows))
+    if query.granularity is not None:
+        return series_answer(request, usage, app.settings.powered_by)
     return json_answer(
         request, {"success": True, "usage": usage, "powered_by": app.settings.powered_by}
     )

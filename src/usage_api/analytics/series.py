@@ -23,8 +23,9 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.totals import (
@@ -32,8 +33,8 @@ from usage_api.analytics.totals import (
     KINDS,
     entity_json,
     entity_statement,
-    metrics_json,
     period_json,
+    sums_json,
 )
 from usage_api.auth import invalid_key
 from usage_api.models import METRICS
@@ -56,19 +57,21 @@ SIZE: dict[Level, timedelta] = {
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _us(at: datetime) -> int:
-    return (at - _EPOCH) // timedelta(microseconds=1)
+    return (at - _EPOCH) // _MICROSECOND
 
 
 def _at(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-_SIZE_US = {level: SIZE[level] // timedelta(microseconds=1) for level in LEVELS}
+_SIZE_US = {level: SIZE[level] // _MICROSECOND for level in LEVELS}
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """The rows of `level` in `[start, end)`: added to bucket `to` and subtracted from
     bucket `away` (1-based; 0 for neither)."""
 
@@ -79,8 +82,7 @@ class Span:
     away: int
 
 
-@dataclass(frozen=True)
-class RawSpan:
+class RawSpan(NamedTuple):
     """The raw events of `[start, end)` (a cut quarter-hour), each into its own bucket."""
 
     start: datetime
@@ -120,69 +122,106 @@ def top_level(bounds: Sequence[datetime], hourly: bool) -> Level:
     return "hour" if aligned else "quarter"
 
 
+# What `_refine` moves inside one row: (level, first, end, to, away), the instants in
+# microseconds from the row's start, the buckets counted from the one holding that start
+# (`to` None for raw events, which go to their own buckets); and the raw spans.
+_Piece = tuple[Level, int, int, int | None, int]
+_Refined = tuple[list[_Piece], list[tuple[int, int]]]
+
+
+def _refine(
+    level: Level, inside: tuple[int, ...], counted_in: int, memo: dict[Any, _Refined]
+) -> _Refined:
+    """Row `[0, SIZE[level])` with bounds `inside` strictly within it was counted whole
+    in bucket `counted_in`: move its parts that belong elsewhere. Relative to the row, so
+    every row cut the same way (each day of a zone, mostly) is worked out once."""
+    key = (level, inside, counted_in)
+    if (known := memo.get(key)) is not None:
+        return known
+    length = _SIZE_US[level]
+    pieces: list[_Piece] = []
+    raw: list[tuple[int, int]] = []
+
+    def bucket(at: int) -> int:
+        return bisect_right(inside, at)
+
+    depth = LEVELS.index(level)
+    if depth == len(LEVELS) - 1:
+        raw.append((0, length))
+        pieces.append((level, 0, length, None, counted_in))
+        memo[key] = pieces, raw
+        return pieces, raw
+    child: Level = LEVELS[depth + 1]
+    size = _SIZE_US[child]
+    half = size // 2
+    cut = sorted({at // size * size for at in inside if at % size})
+
+    def owner(first: int) -> int:
+        # A cut child goes where its midpoint is; on a tie, where its parent went,
+        # which spares moving it.
+        mid = first + half
+        if mid in inside and bucket(mid - 1) == counted_in:
+            return counted_in
+        return bucket(mid)
+
+    points = sorted({0, length, *inside, *cut, *(first + size for first in cut)})
+    points = [p for p in points if p % size == 0]
+    runs: list[tuple[int, int, int]] = []
+    for run_start, run_end in pairwise(points):
+        to = owner(run_start) if run_start in cut else bucket(run_start + half)
+        if runs and runs[-1][2] == to and runs[-1][1] == run_start:
+            runs[-1] = (runs[-1][0], run_end, to)
+        else:
+            runs.append((run_start, run_end, to))
+    pieces += [(child, lo, hi, to, counted_in) for lo, hi, to in runs if to != counted_in]
+    for first in cut:
+        shift = bucket(first)
+        within = tuple(at - first for at in inside if first < at < first + size)
+        sub_pieces, sub_raw = _refine(child, within, owner(first) - shift, memo)
+        pieces += [
+            (lvl, lo + first, hi + first, None if to is None else to + shift, away + shift)
+            for lvl, lo, hi, to, away in sub_pieces
+        ]
+        raw += [(lo + first, hi + first) for lo, hi in sub_raw]
+    memo[key] = pieces, raw
+    return pieces, raw
+
+
 def plan(bounds: Sequence[datetime], top: Level) -> Plan:
     """The reads that sum every bucket between consecutive `bounds` exactly."""
     us = [_us(b) for b in bounds]
     n = len(us) - 1
-
-    def bucket(at: int) -> int:
-        # As PostgreSQL's width_bucket: 0 before the first bound, n + 1 from the last.
-        return bisect_right(us, at)
-
     spans: list[Span] = []
     raw: list[RawSpan] = []
-
-    def emit(level: Level, start: int, end: int, to: int, away: int) -> None:
-        to, away = (to if 1 <= to <= n else 0), (away if 1 <= away <= n else 0)
-        if start < end and to != away:
-            spans.append(Span(level, _at(start), _at(end), to, away))
-
-    def refine(level: Level, start: int, end: int, counted_in: int) -> None:
-        """Row `[start, end)` of `level` was counted whole in `counted_in`; a bound lies
-        strictly inside it. Move its parts that belong elsewhere."""
-        depth = LEVELS.index(level)
-        inside = us[bisect_right(us, start) : bisect_left(us, end)]
-        if depth == len(LEVELS) - 1:
-            raw.append(RawSpan(_at(start), _at(end)))
-            emit(level, start, end, 0, counted_in)
-            return
-        child: Level = LEVELS[depth + 1]
-        size = _SIZE_US[child]
-        half = size // 2
-        cut = sorted({start + (at - start) // size * size for at in inside if (at - start) % size})
-
-        def owner(first: int) -> int:
-            # A cut child goes where its midpoint is; on a tie, where its parent went,
-            # which spares moving it.
-            mid = first + half
-            if mid in inside and bucket(mid - 1) == counted_in:
-                return counted_in
-            return bucket(mid)
-
-        points = sorted({start, end, *inside, *cut, *(first + size for first in cut)})
-        points = [p for p in points if (p - start) % size == 0]
-        runs: list[tuple[int, int, int]] = []
-        for run_start, run_end in pairwise(points):
-            to = owner(run_start) if run_start in cut else bucket(run_start + half)
-            if runs and runs[-1][2] == to and runs[-1][1] == run_start:
-                runs[-1] = (runs[-1][0], run_end, to)
-            else:
-                runs.append((run_start, run_end, to))
-        for run_start, run_end, to in runs:
-            emit(child, run_start, run_end, to, counted_in)
-        for first in cut:
-            refine(child, first, first + size, owner(first))
-
+    memo: dict[Any, _Refined] = {}
+    offsets: dict[int, timedelta] = {}  # a few distinct ones a plan: made once each
     size = _SIZE_US[top]
+    for first in sorted({at // size * size for at in us if at % size}):
+        # Buckets as PostgreSQL's width_bucket: 0 before the first bound, n + 1 from the last.
+        base = bisect_right(us, first)
+        inside = tuple(at - first for at in us[base : bisect_left(us, first + size)])
+        counted_in = bisect_right(inside, size // 2)
+        known = memo.get((top, inside, counted_in))
+        pieces, cut_raw = known or _refine(top, inside, counted_in, memo)
+        row = _at(first)
+        for level, lo, hi, to, away in pieces:
+            if lo not in offsets:
+                offsets[lo] = timedelta(microseconds=lo)
+            if hi not in offsets:
+                offsets[hi] = timedelta(microseconds=hi)
+            moved_to = base + to if to is not None and 1 <= base + to <= n else 0
+            moved_from = base + away if 1 <= base + away <= n else 0
+            if moved_to != moved_from:
+                spans.append(
+                    Span(level, row + offsets[lo], row + offsets[hi], moved_to, moved_from)
+                )
+        if cut_raw:
+            raw += [
+                RawSpan(row + timedelta(microseconds=lo), row + timedelta(microseconds=hi))
+                for lo, hi in cut_raw
+            ]
     top_start = us[0] // size * size
     top_end = -(-us[-1] // size) * size
-    rows_cut = sorted({at // size * size for at in us if at % size})
-    for first in rows_cut:
-        if top == LEVELS[-1]:  # the finest level: its cut rows are read raw
-            raw.append(RawSpan(_at(first), _at(first + size)))
-            emit(top, first, first + size, 0, bucket(first + size // 2))
-        else:
-            refine(top, first, first + size, bucket(first + size // 2))
     return Plan(list(bounds), top, _at(top_start), _at(top_end), spans, raw)
 
 
@@ -249,14 +288,18 @@ _SERIES = f"""
         WHERE bucket BETWEEN 1 AND :buckets GROUP BY bucket) b"""
 
 
-def _statement(kind: str, top: Level) -> Statement:
+@cache
+def _statement(kind: str, top: Level, reads: frozenset[str]) -> Statement:
+    """The statement of a plan of `top` that moves rows of the levels in `reads` (of
+    "hour", "quarter" and "raw"): a part for each, and none for what a plan has not, which
+    PostgreSQL would plan and run for nothing on every request. Compiled once."""
     parts = [_TOP[top]]
-    if top != "quarter":
-        parts += [
-            _SPANS.format(level="hour", rows=_HOUR_ROWS),
-            _SPANS.format(level="quarter", rows=_QUARTER_ROWS),
-            _RAW,
-        ]
+    if "hour" in reads:
+        parts.append(_SPANS.format(level="hour", rows=_HOUR_ROWS))
+    if "quarter" in reads:
+        parts.append(_SPANS.format(level="quarter", rows=_QUARTER_ROWS))
+    if "raw" in reads:
+        parts.append(_RAW)
     events, rollups = ENTITY_ROWS[kind]
     union = "\n    UNION ALL".join(
         f"({part.format(events=events, rollups=rollups)})" for part in parts
@@ -264,10 +307,8 @@ def _statement(kind: str, top: Level) -> Statement:
     return compile_named(entity_statement(kind, _SERIES).replace("{parts}", union))
 
 
-_STATEMENTS = {(kind, top): _statement(kind, top) for kind in KINDS for top in LEVELS}
-
-
-def _params(p: Plan) -> dict[str, Any]:
+def _params(p: Plan) -> tuple[frozenset[str], dict[str, Any]]:
+    """What the plan reads besides its top level, and the statement's parameters."""
     params: dict[str, Any] = {
         "bounds": p.bounds,
         "buckets": len(p.bounds) - 1,
@@ -275,16 +316,21 @@ def _params(p: Plan) -> dict[str, Any]:
         "top_end": p.top_end,
         "top_first_day": p.top_start.date(),
         "top_end_day": p.top_end.date(),
-        "raw_start": [r.start for r in p.raw],
-        "raw_end": [r.end for r in p.raw],
     }
+    reads = set()
+    if p.raw:
+        reads.add("raw")
+        params["raw_start"] = [r.start for r in p.raw]
+        params["raw_end"] = [r.end for r in p.raw]
     for level in ("hour", "quarter"):
         spans = [s for s in p.spans if s.level == level]
-        params[f"{level}_start"] = [s.start for s in spans]
-        params[f"{level}_end"] = [s.end for s in spans]
-        params[f"{level}_to"] = [s.to for s in spans]
-        params[f"{level}_away"] = [s.away for s in spans]
-    return params
+        if spans:
+            reads.add(level)
+            params[f"{level}_start"] = [s.start for s in spans]
+            params[f"{level}_end"] = [s.end for s in spans]
+            params[f"{level}_to"] = [s.to for s in spans]
+            params[f"{level}_away"] = [s.away for s in spans]
+    return frozenset(reads), params
 
 
 async def read_series(
@@ -298,41 +344,49 @@ async def read_series(
     top = top_level(bounds, query.granularity == "hour")
     # Quarter-hours come from the log for now: as the top level they cover the range whole.
     p = plan(bounds, top) if top != "quarter" else Plan(bounds, top, bounds[0], bounds[-1])
-    params = {
+    reads_more, params = _params(p)
+    params |= {
         "key_hash": key_hash,
         "organization_id": query.organization_id,
         "user_id": query.user_id,
         "partner_id": query.partner_id,
-        **_params(p),
     }
-    statement = _STATEMENTS[kind, top]
+    statement = _statement(kind, top, reads_more)
     row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()
     if row["id"] is None:
         return row["key_id"], None
 
-    sums = {b: [0] * len(METRICS) for b in range(1, len(bounds))}
+    # Buckets with nothing in them are not in the arrays.
+    n = len(bounds) - 1
+    sums: list[Sequence[int]] = [(0,) * len(METRICS)] * n
+    columns = [row[m] for m in METRICS]
     for i, b in enumerate(row["buckets"] or ()):
-        sums[b] = [int(row[m][i]) for m in METRICS]
-    totals = [sum(values) for values in zip(*sums.values(), strict=True)]
+        sums[b - 1] = [column[i] for column in columns]
+    totals = [sum(values) for values in zip(*sums, strict=True)]
     calendar = query.calendar
+    labels = [calendar.label(b) for b in bounds]
     usage = entity_json(kind, row)
-    usage.update(metrics_json(dict(zip(METRICS, totals, strict=True))))
+    usage.update(sums_json(totals))
     usage.update(period_json(query))
     usage["granularity"] = query.granularity
     usage["buckets"] = [
-        {
-            "start": calendar.label(bounds[b - 1]),
-            "end": calendar.label(bounds[b]),
-            **metrics_json(dict(zip(METRICS, values, strict=True))),
-        }
-        for b, values in sums.items()
+        {"start": labels[i], "end": labels[i + 1], **sums_json(values)}
+        for i, values in enumerate(sums)
     ]
     return row["key_id"], usage
 
 
 if __name__ == "__main__":
-    for (kind, top), statement in _STATEMENTS.items():
-        print(f"-- {kind}, top level {top}; $n: {', '.join(statement.names)}")
-        print(statement.sql.strip(), end=";\n\n")
+    # Each kind's fullest statement of each top level; plans that move less drop parts.
+    fullest: dict[Level, frozenset[str]] = {
+        "day": frozenset({"hour", "quarter", "raw"}),
+        "hour": frozenset({"quarter", "raw"}),
+        "quarter": frozenset(),
+    }
+    for kind in KINDS:
+        for top, reads_more in fullest.items():
+            statement = _statement(kind, top, reads_more)
+            print(f"-- {kind}, top level {top}; $n: {', '.join(statement.names)}")
+            print(statement.sql.strip(), end=";\n\n")

@@ -10,6 +10,7 @@ the pieces `ranges.range_params` cuts it into, plus the unfolded deltas of its w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from usage_api.analytics.query import UsageQuery
@@ -138,7 +139,12 @@ async def partner_visible(reads: Reads, key_hash: bytes, partner_id: str) -> boo
 
 def metrics_json(row: Any) -> dict[str, Any]:
     """`sms`, `mms` and `voice` of the contract from a row (or mapping) of the six sums."""
-    sms_out, sms_in, mms_out, mms_in, voice, voice_kb = (int(row[m]) for m in METRICS)
+    return sums_json([int(row[m]) for m in METRICS])
+
+
+def sums_json(sums: Sequence[int]) -> dict[str, Any]:
+    """`sms`, `mms` and `voice` of the contract from the six sums in `METRICS` order."""
+    sms_out, sms_in, mms_out, mms_in, voice, voice_kb = sums
     return {
         "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
         "mms": {"outbound": mms_out, "inbound": mms_in, "total": mms_out + mms_in},
