@@ -411,6 +411,15 @@ async def generate(pool: asyncpg.Pool, url: str, params: Params, schema_revision
         if tables:
             names = ", ".join(f'"{t["tablename"]}"' for t in tables)
             await conn.execute(f"DROP TABLE {names} CASCADE")
+        # And the schema's own functions (a trigger's), not those of extensions.
+        functions = await conn.fetch(
+            "SELECT p.oid::regprocedure::text AS name FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'public' AND NOT EXISTS (SELECT FROM pg_depend d"
+            " WHERE d.objid = p.oid AND d.deptype = 'e')"
+        )
+        for function in functions:
+            await conn.execute(f"DROP FUNCTION {function['name']} CASCADE")
     await asyncio.to_thread(migrate_to_head, url)
     async with pool.acquire() as conn:
         await _load_directory(conn, params)
