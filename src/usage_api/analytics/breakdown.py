@@ -250,9 +250,9 @@ _PARENT = {
 }
 # The parent is `p` (a partner) or `o` (an organization), as the shared SQL expects.
 _ALIAS = {"partner": "p", "organization": "o"}
-_MEMBERS_OF = {
-    "partner": "organizations m ON m.partner_id = p.id",
-    "organization": "users m ON m.organization_id = o.id",
+_DIRECTORY = {
+    "partner": "organizations m WHERE m.partner_id = :partner_id",
+    "organization": "users m WHERE m.organization_id = :organization_id",
 }
 _NAMES = {
     "partner": "n.name, CAST(NULL AS text)",
@@ -262,18 +262,23 @@ _NAMED = {
     "partner": "LEFT JOIN organizations n ON n.id = r.id",
     "organization": "LEFT JOIN users n ON n.organization_id = :organization_id AND n.id = r.id",
 }
-_SUMMED = ", ".join(f"coalesce(s.{m}, 0) AS {m}" for m in METRICS)
+_ZEROS = ", ".join(f"CAST(0 AS bigint) AS {m}" for m in METRICS)
 
 
 @cache
 def _statement(kind: str, ranged: bool, sort: str, descending: bool) -> Statement:
     """Kind "partner" (rows: organizations) or "organization" (rows: users).
 
-    The members' sums are taken once (`s`); every member is listed from the directory
-    with its sums or zeros, sorted and cut after the cursor in SQL, and only the page's
-    rows are then joined to their names and emails (a sort by name joins them all). An
-    organization's row without a user is its total (`t`, from its own roll-ups) less its
-    users' sums; a partner's total is its organizations' sums.
+    The members' sums are taken once (`s`). The page is cut from two lists, each sorted
+    and cut after the cursor on its own: the members with usage (and an organization's
+    row without a user), a few thousand rows at most; and the members without usage, all
+    zeros, read from the directory in id order, so a sort by a metric stops after the
+    page's rows instead of sorting every member (a sort by name reads them all). Only the
+    page's rows are then joined to their names and emails. The row without a user is the
+    organization's total (`t`, from its own roll-ups) less its users' sums; a partner's
+    total is its organizations' sums. Every member of `s` is one of the parent's (usage
+    is accepted only for known users, who never change organization; a partner's parts
+    read its organizations of now), so the two lists hold each member exactly once.
     """
     key = {"id": "coalesce(r.id, '')", "name": "coalesce(r.name, '')"}.get(sort)
     if key is None:
@@ -283,15 +288,19 @@ def _statement(kind: str, ranged: bool, sort: str, descending: bool) -> Statemen
     )
     before = "<" if descending else ">"
     order = "DESC" if descending else "ASC"
-    name = "m.name" if sort == "name" else "CAST(NULL AS text)"
     alias = _ALIAS[kind]
-    members = f"""
-        SELECT m.id, {name} AS name, {_SUMMED}
-        FROM parent {alias} JOIN {_MEMBERS_OF[kind]} LEFT JOIN s ON s.member = m.id"""
+    used_name = "CAST(NULL AS text)"
+    used_from = "s"
+    if sort == "name":
+        used_name = "n.name"
+        used_from = "s " + _NAMED[kind].replace("r.id", "s.member")
+    used = f"""
+        SELECT s.member AS id, {used_name} AS name, {", ".join(f"s.{m}" for m in METRICS)}
+        FROM {used_from}"""
     if kind == "organization":
         events, rollups = ENTITY_ROWS["organization"]
         less = ", ".join(f"t.{m} - u.{m} AS {m}" for m in METRICS)
-        members += f"""
+        used += f"""
         UNION ALL
         SELECT NULL, NULL, {less} FROM t CROSS JOIN (SELECT {METRIC_SUMS} FROM s) u
         WHERE {" OR ".join(f"t.{m} <> u.{m}" for m in METRICS)}"""
@@ -302,6 +311,14 @@ def _statement(kind: str, ranged: bool, sort: str, descending: bool) -> Statemen
         }) x"""
     else:
         total = f"SELECT {METRIC_SUMS} FROM s"
+    unused_name = "m.name" if sort == "name" else "CAST(NULL AS text)"
+    # `NOT IN` over `s` is a hashed filter on the directory's index scan (in id order).
+    # By the parent's id itself, not joined to `parent`: a join would lose the index's order.
+    unused = f"""
+        SELECT m.id, {unused_name} AS name, {_ZEROS} FROM {_DIRECTORY[kind]}
+        AND m.id NOT IN (SELECT member FROM s WHERE member IS NOT NULL)"""
+    after = f"""NOT :has_cursor OR {key} {before} {value}
+           OR ({key} = {value} AND coalesce(r.id, '') > :after_id)"""
     row = ", ".join(["r.id", _NAMES[kind], *(f"r.{m}" for m in METRICS)])
     sql = f"""
 WITH k AS ({KEY_LOOKUP}),
@@ -312,12 +329,19 @@ s AS MATERIALIZED (
     GROUP BY mp.member
 ),
 t AS ({total}),
-r AS ({members}),
-page AS (
-    SELECT r.*, {key} AS sort_key FROM r
-    WHERE NOT :has_cursor OR {key} {before} {value}
-       OR ({key} = {value} AND coalesce(r.id, '') > :after_id)
+used AS (
+    SELECT r.*, {key} AS sort_key FROM ({used}) r
+    WHERE {after}
     ORDER BY {key} {order}, coalesce(r.id, '') LIMIT :limit
+),
+unused AS (
+    SELECT r.*, {key} AS sort_key FROM ({unused}) r
+    WHERE {after}
+    ORDER BY {key} {order}, r.id LIMIT :limit
+),
+page AS (
+    SELECT * FROM (SELECT * FROM used UNION ALL SELECT * FROM unused) r
+    ORDER BY r.sort_key {order}, coalesce(r.id, '') LIMIT :limit
 )
 SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
     SELECT o.id, o.name, t.*, (
