@@ -12,14 +12,16 @@ from typing import Any
 
 import httpx
 import pytest
+from alembic import command
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from tests.test_series import metrics_json, post_events
 from usage_api.analytics import rollup
-from usage_api.db import PrimaryEngine, transact
+from usage_api.db import PrimaryEngine, async_url, transact
+from usage_api.migrations import alembic_config
 
 US = timedelta(microseconds=1)
 # Month, day and hour boundaries of the first quarter of 2026, each with an instant on it
@@ -332,3 +334,37 @@ async def test_a_change_of_partner_is_refused_outside_read_committed(engine: Asy
                 text("UPDATE organizations SET partner_id = :new WHERE id = :id"),
                 {"new": new, "id": mover},
             )
+
+
+async def test_the_migration_starts_partner_and_monthly_rows_from_the_history_there_is(
+    client: httpx.AsyncClient, engine: AsyncEngine, database_url: str
+) -> None:
+    rng = random.Random(12)
+    partner_id = await make_partner(engine, "Agency")
+    members = {await make_organization(engine, n, partner_id): [] for n in ("A", "B")}
+    alone = await make_organization(engine, "Alone")
+    key = await make_key(engine, "admin", write=True)
+    sent = random_events(rng, members, 60)
+    await post_events(client, key, [s.body() for s in sent])
+    await post_events(client, key, [event(alone, quantity=5)])
+    await rollup.fold_all(engine)
+    config = alembic_config(database_url)
+    # Back to before the roll-ups existed, and forward again on a fresh engine (the app's
+    # connections hold statements prepared against the dropped tables).
+    await asyncio.to_thread(command.downgrade, config, "d4a5b0c7e912")
+    await asyncio.to_thread(command.upgrade, config, "head")
+    fresh = create_async_engine(async_url(database_url))
+    try:
+        await assert_rollups_agree(fresh)
+        async with fresh.connect() as conn:
+            days = await conn.scalar(
+                text(
+                    "SELECT sum(sms_outbound + voice_kb_seconds) FROM partner_daily"
+                    " WHERE partner_id = :p"
+                ),
+                {"p": partner_id},
+            )
+        expected = sums(sent)
+        assert days == expected[0] + expected[5]
+    finally:
+        await fresh.dispose()
