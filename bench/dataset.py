@@ -222,6 +222,28 @@ _COUNTERS = f"""
 INSERT INTO usage_counters (organization_id, user_id, {METRIC_LIST})
 SELECT organization_id, user_id, {ROW_SUMS} FROM usage_daily GROUP BY 1, 2
 """
+# Partner and monthly roll-ups from the organizations' own rows from $1 on, as the fold
+# keeps them.
+_PARTNER_AND_MONTHLY = [
+    f"""
+INSERT INTO {table} (partner_id, {unit}, {METRIC_LIST})
+SELECT o.partner_id, r.{unit}, {ROW_SUMS} FROM {source} r
+JOIN organizations o ON o.id = r.organization_id
+WHERE r.user_id = '' AND o.partner_id IS NOT NULL AND r.{unit} >= $1
+GROUP BY 1, 2
+"""
+    for table, source, unit in (
+        ("partner_hourly", "usage_hourly", "hour_at"),
+        ("partner_daily", "usage_daily", "day"),
+    )
+] + [
+    f"""
+INSERT INTO organization_monthly (organization_id, month, {METRIC_LIST})
+SELECT organization_id, date_trunc('month', day::timestamp)::date, {ROW_SUMS} FROM usage_daily
+WHERE user_id = '' AND day >= $1::timestamptz::date
+GROUP BY 1, 2
+"""
+]
 
 
 @dataclass(frozen=True)
@@ -389,6 +411,15 @@ async def generate(pool: asyncpg.Pool, url: str, params: Params, schema_revision
         if tables:
             names = ", ".join(f'"{t["tablename"]}"' for t in tables)
             await conn.execute(f"DROP TABLE {names} CASCADE")
+        # And the schema's own functions (a trigger's), not those of extensions.
+        functions = await conn.fetch(
+            "SELECT p.oid::regprocedure::text AS name FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'public' AND NOT EXISTS (SELECT FROM pg_depend d"
+            " WHERE d.objid = p.oid AND d.deptype = 'e')"
+        )
+        for function in functions:
+            await conn.execute(f"DROP FUNCTION {function['name']} CASCADE")
     await asyncio.to_thread(migrate_to_head, url)
     async with pool.acquire() as conn:
         await _load_directory(conn, params)
@@ -435,7 +466,9 @@ async def generate(pool: asyncpg.Pool, url: str, params: Params, schema_revision
     async with pool.acquire() as conn:
         await _session(conn)
         await conn.execute(_COUNTERS)
-    timer.step("counters", at)
+        for sql in _PARTNER_AND_MONTHLY:
+            await conn.execute(sql, params.start)
+    timer.step("counters, partner and monthly roll-ups", at)
 
     for stage, statements in zip(("indexes", "primary keys", "foreign keys"), ddl, strict=True):
         at = time.perf_counter()
@@ -544,6 +577,13 @@ async def restore(pool: asyncpg.Pool, params: Params) -> None:
             )
             await conn.execute("TRUNCATE usage_counters")
             await conn.execute(_COUNTERS)
+            await conn.execute("DELETE FROM partner_hourly WHERE hour_at >= $1", params.end)
+            await conn.execute("DELETE FROM partner_daily WHERE day >= $1", params.end.date())
+            month = params.end.date().replace(day=1)
+            await conn.execute("DELETE FROM organization_monthly WHERE month >= $1", month)
+            await conn.execute(
+                _PARTNER_AND_MONTHLY[2], datetime(month.year, month.month, 1, tzinfo=UTC)
+            )
             await conn.execute("UPDATE bench.dataset SET dirty = false")
     await vacuum(pool)
     await verify_counters(pool, params)

@@ -39,6 +39,7 @@ pytest_plugins = ("tests.support.apps",)
 
 TABLES = (
     "usage_events, usage_deltas, usage_counters, usage_hourly, usage_daily,"
+    " organization_monthly, partner_hourly, partner_daily,"
     " dashboard_sessions, api_key_windows, api_keys, users, organizations, partners"
 )
 

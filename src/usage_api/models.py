@@ -9,6 +9,12 @@ Usage is kept three ways that always agree:
 - `usage_counters`, `usage_hourly`, `usage_daily`: roll-ups that `rollup.fold` moves
   deltas into, deleting them in the same statement. Readers add the deltas not yet
   folded, so a read is exact and real time whatever the fold lags.
+- `partner_hourly`, `partner_daily`: the same roll-ups summed over each partner's
+  organizations of now, so a partner's range reads a row per day, not one per
+  organization per day. The fold keeps them; an organization that changes partner takes
+  its history along under the fold's lock (a trigger, see `rollup`).
+- `organization_monthly`: each organization's own usage per UTC month, so a partner's
+  breakdown over a year reads a dozen rows per organization, not one per day.
 
 In roll-ups and deltas `user_id = ''` stands for "no user": the organization's own row
 in the roll-ups, an event without a user in the deltas. Real ids are never empty.
@@ -247,3 +253,26 @@ class UsageDaily(Metrics, Base):
     organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
+
+
+class PartnerHourly(Metrics, Base):
+    __tablename__ = "partner_hourly"
+
+    partner_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hour_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+
+
+class PartnerDaily(Metrics, Base):
+    __tablename__ = "partner_daily"
+
+    partner_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+
+
+class OrganizationMonthly(Metrics, Base):
+    """`month` is the first day of a UTC month."""
+
+    __tablename__ = "organization_monthly"
+
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)

@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from typing import Any
 
@@ -28,11 +29,14 @@ from usage_api.analytics.ranges import range_params
 from usage_api.analytics.totals import (
     ENTITY_ROWS,
     IN_PARTNER,
+    PARTNER_EVENTS,
     PARTNER_VISIBLE,
     metrics_json,
     period_json,
+    range_parts,
 )
 from usage_api.auth import invalid_key
+from usage_api.dates import DateRange
 from usage_api.errors import bad_request
 from usage_api.http.params import blank_as_none, checked_id
 from usage_api.models import METRICS
@@ -161,73 +165,121 @@ def _read_cursor(cursor: str, query: BreakdownQuery) -> tuple[Any, str]:
     return value, member_id
 
 
-# Members' sums: {member} names the member of a row; user rows of an organization also
-# count negatively for the organization's own row (member NULL), whose roll-ups count
-# positively, so that NULL is exactly the usage without a user.
-_MEMBER_ALL_TIME = f"""
+# Members' sums, one row per member with usage. A range is cut for members as for totals,
+# but coarser at its edges: raw log rows up to the first and from the last whole UTC day
+# (the index on (organization_id, occurred_at) reads only that day's rows, where per-user
+# hourly roll-ups can only be found by walking every user's hours), whole days from the
+# daily roll-ups, and the unfolded deltas of those days. A partner's organizations also
+# take whole UTC months from `organization_monthly`. `coalesce(user_id, '') <> ''` keeps
+# the planner on the time index for raw rows: the partial index on users' events would
+# walk every event of the organization.
+_MEMBERS_ALL_TIME = f"""
     SELECT {{member}} AS member, {METRIC_COLUMNS} FROM usage_counters WHERE {{rollups}}
     UNION ALL
-    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_deltas WHERE {{events}}
+    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_deltas WHERE {{deltas}}
 """
-_MEMBER_RANGE = f"""
+_EDGES = f"""
     SELECT {{member}} AS member, {EVENT_SUMS} FROM usage_events
-    WHERE {{events}} AND occurred_at >= :start AND occurred_at < :first_hour GROUP BY 1
+    WHERE {{events}} AND occurred_at >= :start AND occurred_at < :first_day_at
+        AND :start < :first_day_at GROUP BY 1
     UNION ALL
     SELECT {{member}}, {EVENT_SUMS} FROM usage_events
-    WHERE {{events}} AND occurred_at >= :last_hour AND occurred_at < :end GROUP BY 1
+    WHERE {{events}} AND occurred_at >= :last_day_at AND occurred_at < :end
+        AND :last_day_at < :end GROUP BY 1
     UNION ALL
-    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_hourly
-    WHERE {{rollups}} AND hour_at >= :first_hour AND hour_at < :first_day_at
-    UNION ALL
-    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_hourly
-    WHERE {{rollups}} AND hour_at >= :last_day_at AND hour_at < :last_hour
+    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_deltas
+    WHERE {{deltas}} AND hour_at >= :first_day_at AND hour_at < :last_day_at
+        AND :first_day_at < :last_day_at
+"""
+_USERS_RANGE = f"""{_EDGES}
     UNION ALL
     SELECT {{member}}, {METRIC_COLUMNS} FROM usage_daily
     WHERE {{rollups}} AND day >= :first_day AND day < :last_day
-    UNION ALL
-    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_deltas
-    WHERE {{events}} AND hour_at >= :first_hour AND hour_at < :last_hour
+        AND :first_day < :last_day
 """
+_ORGANIZATIONS_RANGE = f"""{_EDGES}
+    UNION ALL
+    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_daily
+    WHERE {{rollups}} AND day >= :first_day AND day < :first_month
+        AND :first_day < :first_month
+    UNION ALL
+    SELECT {{member}}, {METRIC_COLUMNS} FROM organization_monthly
+    WHERE {{events}} AND month >= :first_month AND month < :last_month
+        AND :first_month < :last_month
+    UNION ALL
+    SELECT {{member}}, {METRIC_COLUMNS} FROM usage_daily
+    WHERE {{rollups}} AND day >= :last_month AND day < :last_day
+        AND :last_month < :last_day
+"""
+_USERS_OF = "organization_id = o.id AND user_id <> ''"
+_MEMBER_ROWS = {
+    # kind of parent: its members' rows of the log (and months), of roll-ups, of deltas
+    "partner": (PARTNER_EVENTS, f"{PARTNER_EVENTS} AND user_id = ''", PARTNER_EVENTS),
+    "organization": (
+        "organization_id = o.id AND coalesce(user_id, '') <> ''",
+        _USERS_OF,
+        _USERS_OF,
+    ),
+}
+_MEMBER_OF = {"partner": "organization_id", "organization": "user_id"}
+
+
+def _member_parts(kind: str, ranged: bool) -> str:
+    events, rollups, deltas = _MEMBER_ROWS[kind]
+    if not ranged:
+        parts = _MEMBERS_ALL_TIME
+    else:
+        parts = _ORGANIZATIONS_RANGE if kind == "partner" else _USERS_RANGE
+    return parts.format(member=_MEMBER_OF[kind], events=events, rollups=rollups, deltas=deltas)
+
+
 _PARENT_ALL_TIME = f"""
     SELECT {METRIC_COLUMNS} FROM usage_counters WHERE {{rollups}}
     UNION ALL
     SELECT {METRIC_COLUMNS} FROM usage_deltas WHERE {{events}}
 """
-_NEGATED = ", ".join(f"sign * {m} AS {m}" for m in METRICS)
 
 
-def _member_parts(kind: str, ranged: bool) -> str:
-    parts = _MEMBER_RANGE if ranged else _MEMBER_ALL_TIME
-    if kind == "partner":
-        events, rollups = ENTITY_ROWS["partner"]
-        return parts.format(member="organization_id", events=events, rollups=rollups)
-    org_events, org_rollups = ENTITY_ROWS["organization"]
-    users = "organization_id = o.id AND user_id IS NOT NULL AND user_id <> ''"
-    return f"""
-        SELECT member, {METRIC_COLUMNS} FROM ({
-        parts.format(member="CAST(NULL AS text)", events=org_events, rollups=org_rollups)
-    }) organization
-        UNION ALL
-        SELECT s.member, {_NEGATED} FROM ({
-        parts.format(member="user_id", events=users, rollups=users)
-    }) u
-        CROSS JOIN LATERAL (VALUES (u.member, 1), (CAST(NULL AS text), -1)) s(member, sign)"""
-
-
-_COLUMNS_OF = {
-    "partner": "m.id, m.name, CAST(NULL AS text) AS email",
-    "organization": "m.id, m.name, m.email",
+_PARENT = {
+    "partner": f"""
+        SELECT p.id, p.name FROM k, partners p
+        WHERE p.id = :partner_id AND {PARTNER_VISIBLE}""",
+    "organization": f"""
+        SELECT o.id, o.name FROM k, organizations o
+        WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}""",
 }
-_MEMBERS_OF = {
-    "partner": "organizations m WHERE m.partner_id = p.id",
-    "organization": "users m WHERE m.organization_id = o.id",
+# The parent is `p` (a partner) or `o` (an organization), as the shared SQL expects.
+_ALIAS = {"partner": "p", "organization": "o"}
+_DIRECTORY = {
+    "partner": "organizations m WHERE m.partner_id = :partner_id",
+    "organization": "users m WHERE m.organization_id = :organization_id",
 }
-_SUMMED = ", ".join(f"coalesce(s.{m}, 0) AS {m}" for m in METRICS)
+_NAMES = {
+    "partner": "n.name, CAST(NULL AS text)",
+    "organization": "n.name, n.email",
+}
+_NAMED = {
+    "partner": "LEFT JOIN organizations n ON n.id = r.id",
+    "organization": "LEFT JOIN users n ON n.organization_id = :organization_id AND n.id = r.id",
+}
+_ZEROS = ", ".join(f"CAST(0 AS bigint) AS {m}" for m in METRICS)
 
 
 @cache
 def _statement(kind: str, ranged: bool, sort: str, descending: bool) -> Statement:
-    """Kind "partner" (rows: organizations) or "organization" (rows: users)."""
+    """Kind "partner" (rows: organizations) or "organization" (rows: users).
+
+    The members' sums are taken once (`s`). The page is cut from two lists, each sorted
+    and cut after the cursor on its own: the members with usage (and an organization's
+    row without a user), a few thousand rows at most; and the members without usage, all
+    zeros, read from the directory in id order, so a sort by a metric stops after the
+    page's rows instead of sorting every member (a sort by name reads them all). Only the
+    page's rows are then joined to their names and emails. The row without a user is the
+    organization's total (`t`, from its own roll-ups) less its users' sums; a partner's
+    total is its organizations' sums. Every member of `s` is one of the parent's (usage
+    is accepted only for known users, who never change organization; a partner's parts
+    read its organizations of now), so the two lists hold each member exactly once.
+    """
     key = {"id": "coalesce(r.id, '')", "name": "coalesce(r.name, '')"}.get(sort)
     if key is None:
         key = "(" + " + ".join(f"r.{c.strip()}" for c in _SORT_METRICS[sort].split("+")) + ")"
@@ -236,48 +288,87 @@ def _statement(kind: str, ranged: bool, sort: str, descending: bool) -> Statemen
     )
     before = "<" if descending else ">"
     order = "DESC" if descending else "ASC"
-    members = f"""
-        SELECT {_COLUMNS_OF[kind]}, {_SUMMED} FROM {_MEMBERS_OF[kind].split(" WHERE ")[0]}
-        LEFT JOIN (SELECT member, {METRIC_SUMS} FROM ({_member_parts(kind, ranged)}) mp
-                   GROUP BY member) s ON s.member = m.id
-        WHERE {_MEMBERS_OF[kind].split(" WHERE ")[1]}"""
+    alias = _ALIAS[kind]
+    used_name = "CAST(NULL AS text)"
+    used_from = "s"
+    if sort == "name":
+        used_name = "n.name"
+        used_from = "s " + _NAMED[kind].replace("r.id", "s.member")
+    used = f"""
+        SELECT s.member AS id, {used_name} AS name, {", ".join(f"s.{m}" for m in METRICS)}
+        FROM {used_from}"""
     if kind == "organization":
-        members += f"""
+        events, rollups = ENTITY_ROWS["organization"]
+        less = ", ".join(f"t.{m} - u.{m} AS {m}" for m in METRICS)
+        used += f"""
         UNION ALL
-        SELECT NULL, NULL, NULL, {", ".join(f"s.{m}" for m in METRICS)} FROM (
-            SELECT {METRIC_SUMS} FROM ({_member_parts(kind, ranged)}) mp WHERE member IS NULL
-        ) s WHERE {" OR ".join(f"s.{m} <> 0" for m in METRICS)}"""
-    row = ", ".join(["r.id", "r.name", "r.email", *(f"r.{m}" for m in METRICS)])
-    page = f"""
-        SELECT json_agg(json_build_array({row}, {key}) ORDER BY {key} {order},
-                        coalesce(r.id, '')) AS page FROM (
-            SELECT * FROM ({members}) r
-            WHERE NOT :has_cursor OR {key} {before} {value}
-               OR ({key} = {value} AND coalesce(r.id, '') > :after_id)
-            ORDER BY {key} {order}, coalesce(r.id, '') LIMIT :limit
-        ) r"""
-    events, rollups = ENTITY_ROWS[kind]
-    totals = (
-        _MEMBER_RANGE.format(member="1", events=events, rollups=rollups)
-        if ranged
-        else _PARENT_ALL_TIME.format(events=events, rollups=rollups)
-    )
-    if kind == "partner":
-        parent = f"""
-            SELECT p.id, p.name, t.*, pg.page FROM partners p
-            CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({totals}) x) t
-            CROSS JOIN LATERAL ({page}) pg
-            WHERE p.id = :partner_id AND {PARTNER_VISIBLE}"""
+        SELECT NULL, NULL, {less} FROM t CROSS JOIN (SELECT {METRIC_SUMS} FROM s) u
+        WHERE {" OR ".join(f"t.{m} <> u.{m}" for m in METRICS)}"""
+        total = f"""SELECT {METRIC_SUMS} FROM parent o CROSS JOIN LATERAL ({
+            range_parts("organization")
+            if ranged
+            else _PARENT_ALL_TIME.format(events=events, rollups=rollups)
+        }) x"""
     else:
-        parent = f"""
-            SELECT o.id, o.name, t.*, pg.page FROM organizations o
-            CROSS JOIN LATERAL (SELECT {METRIC_SUMS} FROM ({totals}) x) t
-            CROSS JOIN LATERAL ({page}) pg
-            WHERE o.id = :organization_id AND {visible_to_key()} AND {IN_PARTNER}"""
-    return compile_named(
-        f"WITH k AS ({KEY_LOOKUP})\n"
-        f"SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL ({parent}) e ON true"
-    )
+        total = f"SELECT {METRIC_SUMS} FROM s"
+    unused_name = "m.name" if sort == "name" else "CAST(NULL AS text)"
+    # `NOT IN` over `s` is a hashed filter on the directory's index scan (in id order).
+    # By the parent's id itself, not joined to `parent`: a join would lose the index's order.
+    unused = f"""
+        SELECT m.id, {unused_name} AS name, {_ZEROS} FROM {_DIRECTORY[kind]}
+        AND m.id NOT IN (SELECT member FROM s WHERE member IS NOT NULL)"""
+    after = f"""NOT :has_cursor OR {key} {before} {value}
+           OR ({key} = {value} AND coalesce(r.id, '') > :after_id)"""
+    row = ", ".join(["r.id", _NAMES[kind], *(f"r.{m}" for m in METRICS)])
+    sql = f"""
+WITH k AS ({KEY_LOOKUP}),
+parent AS ({_PARENT[kind]}),
+s AS MATERIALIZED (
+    SELECT mp.member, {METRIC_SUMS}
+    FROM parent {alias} CROSS JOIN LATERAL ({_member_parts(kind, ranged)}) mp
+    GROUP BY mp.member
+),
+t AS ({total}),
+used AS (
+    SELECT r.*, {key} AS sort_key FROM ({used}) r
+    WHERE {after}
+    ORDER BY {key} {order}, coalesce(r.id, '') LIMIT :limit
+),
+unused AS (
+    SELECT r.*, {key} AS sort_key FROM ({unused}) r
+    WHERE {after}
+    ORDER BY {key} {order}, r.id LIMIT :limit
+),
+page AS (
+    SELECT * FROM (SELECT * FROM used UNION ALL SELECT * FROM unused) r
+    ORDER BY r.sort_key {order}, coalesce(r.id, '') LIMIT :limit
+)
+SELECT k.id AS key_id, e.* FROM k LEFT JOIN LATERAL (
+    SELECT o.id, o.name, t.*, (
+        SELECT json_agg(json_build_array({row}, r.sort_key)
+                        ORDER BY r.sort_key {order}, coalesce(r.id, ''))
+        FROM page r {_NAMED[kind]}
+    ) AS page
+    FROM parent o CROSS JOIN t
+) e ON true"""
+    return compile_named(sql)
+
+
+def _range_params(span: DateRange) -> dict[str, Any]:
+    """`range_params`, and the whole UTC months inside its whole days (`first_month` =
+    `last_month` = `last_day` when there is none)."""
+    params = range_params(span)
+    first_day: date = params["first_day"]
+    last_day: date = params["last_day"]
+    first_month = first_day if first_day.day == 1 else _next_month(first_day)
+    last_month = last_day.replace(day=1)
+    if first_month >= last_month:
+        first_month = last_month = last_day
+    return params | {"first_month": first_month, "last_month": last_month}
+
+
+def _next_month(day: date) -> date:
+    return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
 async def read_breakdown(
@@ -298,7 +389,7 @@ async def read_breakdown(
         "limit": query.limit + 1,
     }
     if usage.span is not None:
-        params.update(range_params(usage.span))
+        params.update(_range_params(usage.span))
     row = await reads.fetch_row(statement.sql, *statement.args(params))
     if row is None:
         raise invalid_key()

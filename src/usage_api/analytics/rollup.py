@@ -1,11 +1,20 @@
 """Folding deltas into the roll-ups.
 
 Ingest only appends to `usage_deltas`. `fold` moves a batch of deltas into
-`usage_counters`, `usage_hourly` and `usage_daily` in one statement that also deletes
-them, so at every snapshot each delta is counted exactly once: either still a delta or
-already in the roll-ups. Only one fold runs at a time across every process (a
-transaction-level advisory lock), so the roll-up rows it updates never contend with
-writers or with each other, and a fold interrupted at any point simply never happened.
+`usage_counters`, `usage_hourly`, `usage_daily` and `organization_monthly` in one
+statement that also deletes them, so at every snapshot each delta is counted exactly
+once: either still a delta or already in the roll-ups. Only one fold runs at a time
+across every process (a transaction-level advisory lock), so the roll-up rows it updates
+never contend with writers or with each other, and a fold interrupted at any point simply
+never happened.
+
+The same statement adds each organization's hours and days to its partner's rows
+(`partner_hourly`, `partner_daily`), by the partner the organization has at the fold's
+snapshot. An organization that changes partner moves its folded history from the old
+partner's rows to the new one's in the transaction of the change, after taking this same
+lock (the trigger of migration 5b1e7c3d9a20): a fold that began before the change folded
+into the old partner and is then moved along; one after it sees the new partner. So a
+partner's rows are always exactly its organizations' of now, as readers count them.
 """
 
 from __future__ import annotations
@@ -64,6 +73,36 @@ daily AS (
     ORDER BY organization_id, user_id, day
     ON CONFLICT (organization_id, user_id, day)
     DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_daily")}
+),
+monthly AS (
+    INSERT INTO organization_monthly (organization_id, month, {METRIC_COLUMNS})
+    SELECT organization_id, date_trunc('month', day::timestamp)::date, {METRIC_SUMS} FROM targets
+    WHERE user_id = ''
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (organization_id, month)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="organization_monthly")}
+),
+partner_hours AS (
+    SELECT o.partner_id, b.hour_at, {METRIC_SUMS}
+    FROM batch b JOIN organizations o ON o.id = b.organization_id
+    WHERE o.partner_id IS NOT NULL
+    GROUP BY 1, 2
+),
+partner_hourly AS (
+    INSERT INTO partner_hourly (partner_id, hour_at, {METRIC_COLUMNS})
+    SELECT partner_id, hour_at, {METRIC_COLUMNS} FROM partner_hours
+    ORDER BY partner_id, hour_at
+    ON CONFLICT (partner_id, hour_at)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="partner_hourly")}
+),
+partner_daily AS (
+    INSERT INTO partner_daily (partner_id, day, {METRIC_COLUMNS})
+    SELECT partner_id, (hour_at AT TIME ZONE 'UTC')::date, {METRIC_SUMS} FROM partner_hours
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (partner_id, day)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="partner_daily")}
 ),
 counters AS (
     INSERT INTO usage_counters (organization_id, user_id, {METRIC_COLUMNS})

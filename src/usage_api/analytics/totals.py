@@ -39,21 +39,27 @@ _ALL_TIME_PARTS = f"""
 _RANGE_PARTS = f"""
     SELECT {EVENT_SUMS} FROM usage_events
     WHERE {{events}} AND occurred_at >= :start AND occurred_at < :first_hour
+        AND :start < :first_hour
     UNION ALL
     SELECT {EVENT_SUMS} FROM usage_events
     WHERE {{events}} AND occurred_at >= :last_hour AND occurred_at < :end
+        AND :last_hour < :end
     UNION ALL
-    SELECT {METRIC_COLUMNS} FROM usage_hourly
+    SELECT {METRIC_COLUMNS} FROM {{hourly}}
     WHERE {{rollups}} AND hour_at >= :first_hour AND hour_at < :first_day_at
+        AND :first_hour < :first_day_at
     UNION ALL
-    SELECT {METRIC_COLUMNS} FROM usage_hourly
+    SELECT {METRIC_COLUMNS} FROM {{hourly}}
     WHERE {{rollups}} AND hour_at >= :last_day_at AND hour_at < :last_hour
+        AND :last_day_at < :last_hour
     UNION ALL
-    SELECT {METRIC_COLUMNS} FROM usage_daily
+    SELECT {METRIC_COLUMNS} FROM {{daily}}
     WHERE {{rollups}} AND day >= :first_day AND day < :last_day
+        AND :first_day < :last_day
     UNION ALL
     SELECT {METRIC_COLUMNS} FROM usage_deltas
     WHERE {{events}} AND hour_at >= :first_hour AND hour_at < :last_hour
+        AND :first_hour < :last_hour
 """
 
 # With `partner_id` too, the organization must be one of the partner's.
@@ -114,13 +120,29 @@ KINDS = tuple(_ENTITIES)
 _SUMS = f"SELECT {METRIC_SUMS} FROM ({{parts}}) parts"
 
 
-def _statement(kind: str, ranged: bool) -> Statement:
-    parts = _RANGE_PARTS if ranged else _ALL_TIME_PARTS
+# A partner's whole hours and days come from its own roll-ups: a row per hour or day,
+# where its organizations' would be one per organization per hour or day (measured in
+# bench/NOTES.md, "Breakdown and partner speed"). Its edges and deltas are its
+# organizations' of now, as for every other kind.
+PARTNER_ROLLUPS = "partner_id = p.id"
+
+
+def range_parts(kind: str) -> str:
+    """The parts of a range's sums for `kind`, as in `_RANGE_PARTS`."""
     events, rollups = ENTITY_ROWS[kind]
-    sql = entity_statement(kind, _SUMS).replace(
-        "{parts}", parts.format(events=events, rollups=rollups)
+    if kind == "partner":
+        return _RANGE_PARTS.format(
+            events=events, rollups=PARTNER_ROLLUPS, hourly="partner_hourly", daily="partner_daily"
+        )
+    return _RANGE_PARTS.format(
+        events=events, rollups=rollups, hourly="usage_hourly", daily="usage_daily"
     )
-    return compile_named(sql)
+
+
+def _statement(kind: str, ranged: bool) -> Statement:
+    events, rollups = ENTITY_ROWS[kind]
+    parts = range_parts(kind) if ranged else _ALL_TIME_PARTS.format(events=events, rollups=rollups)
+    return compile_named(entity_statement(kind, _SUMS).replace("{parts}", parts))
 
 
 _STATEMENTS = {
