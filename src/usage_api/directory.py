@@ -24,6 +24,7 @@ from usage_api.errors import ApiError, not_found
 from usage_api.http.deps import CurrentKey, PrimaryDb, ReadDb
 from usage_api.http.openapi import error_responses, request_body, upsert_responses
 from usage_api.http.params import blank_as_none, checked_id, parse_body
+from usage_api.replicas import Reads
 from usage_api.schemas import (
     ClosedModel,
     OrganizationIdPath,
@@ -387,16 +388,7 @@ async def list_organizations_route(
     cursor: Annotated[str | None, _CURSOR] = None,
 ) -> JSONResponse:
     """The organizations the key may see, by id, in pages."""
-    partner_id = checked_id(blank_as_none(partner_id), "partner_id")
-    rows, next_cursor = await engine.run(
-        list_entities,
-        principal,
-        "organization",
-        partner_id,
-        parse_limit(limit),
-        blank_as_none(cursor),
-    )
-    return JSONResponse({"success": True, "organizations": rows, "next_cursor": next_cursor})
+    return await _page(engine, principal, "organization", ("partner_id", partner_id), limit, cursor)
 
 
 @router.get(
@@ -412,13 +404,21 @@ async def list_users_route(
     cursor: Annotated[str | None, _CURSOR] = None,
 ) -> JSONResponse:
     """The users the key may see, by id, in pages."""
-    organization_id = checked_id(blank_as_none(organization_id), "organization_id")
+    parent = ("organization_id", organization_id)
+    return await _page(engine, principal, "user", parent, limit, cursor)
+
+
+async def _page(
+    engine: Reads,
+    principal: Principal,
+    kind: str,
+    parent: tuple[str, str | None],
+    limit: str | None,
+    cursor: str | None,
+) -> JSONResponse:
+    """A page of a list route's answer: `kind`s under the optional parent (name, id)."""
+    parent_id = checked_id(blank_as_none(parent[1]), parent[0])
     rows, next_cursor = await engine.run(
-        list_entities,
-        principal,
-        "user",
-        organization_id,
-        parse_limit(limit),
-        blank_as_none(cursor),
+        list_entities, principal, kind, parent_id, parse_limit(limit), blank_as_none(cursor)
     )
-    return JSONResponse({"success": True, "users": rows, "next_cursor": next_cursor})
+    return JSONResponse({"success": True, f"{kind}s": rows, "next_cursor": next_cursor})

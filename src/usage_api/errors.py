@@ -13,7 +13,7 @@ and Starlette's own 404/405/validation errors, as `{"success": false, "error": .
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -140,22 +140,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, message, headers=headers)
 
 
-def _routes(routes: Iterable[Any]) -> Iterator[Any]:
-    # Included routers (no prefix here) hold their routes in `original_router`.
-    for route in routes:
-        original = getattr(route, "original_router", None)
-        if original is not None:
-            yield from _routes(original.routes)
-        else:
-            yield route
-
-
 def _allowed(request: Request) -> list[str]:
     methods: set[str] = set()
-    for route in _routes(request.app.router.routes):
+    for route in request.app.router.routes:
         match, _ = route.matches({**request.scope, "method": ""})
         if match == Match.PARTIAL and isinstance(route, Route) and route.methods:
-            methods |= route.methods - {"HEAD"}
+            methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")  # answered as GET on every GET route (http.middleware.HeadAsGet)
     return sorted(methods)
 
 

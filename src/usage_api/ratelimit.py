@@ -468,18 +468,12 @@ def _name_route(scope: Scope) -> None:
 
 
 def _route_for(routes: Any, scope: Scope) -> Any:
-    """The route that matches `scope` (fully, else by path only), looking into included
-    routers (FastAPI names the route only when it dispatches into one)."""
+    """The route that matches `scope` fully, else by path only."""
     partial = None
     for route in routes:
-        match, child_scope = route.matches(scope)
-        if match is Match.NONE:
-            continue
-        found = child_scope.get("route")
-        if found is None:
-            included = getattr(getattr(route, "original_router", None), "routes", None)
-            found = _route_for(included, scope) if included else None
-        if found is not None and match is Match.FULL:
-            return found
-        partial = partial or found
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
     return partial

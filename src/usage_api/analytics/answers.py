@@ -105,9 +105,10 @@ def _matches(if_none_match: str, etag: str) -> bool:
 def conditional(request: Request, response: Response) -> Response:
     """The response with its ETag, or a 304 without a body when the client has it."""
     etag = _etag(bytes(response.body))
-    if _matches(request.headers.get("if-none-match", ""), etag):
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
-    response.headers["ETag"] = etag
+    response.raw_headers.append((b"etag", etag.encode()))
     return response
 
 

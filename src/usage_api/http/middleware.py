@@ -154,34 +154,24 @@ def _request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
 
 
 class HeadAsGet:
-    """HEAD is answered as GET would be, without the body, on every GET route (RFC 9110),
-    and a 405 that allows GET says so of HEAD too: routes and their documentation declare
-    GET only."""
+    """HEAD is answered as GET would be, without the body, on every GET route (RFC 9110):
+    routes and their documentation declare GET only (a 405's `Allow` adds HEAD to GET, in
+    `errors`)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "HEAD":
             await self.app(scope, receive, send)
             return
-        head = scope["method"] == "HEAD"
 
-        async def send_for_head(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 405:
-                message["headers"] = [_allow_head(h) for h in message.get("headers", ())]
-            elif head and message["type"] == "http.response.body":
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"} if head else scope, receive, send_for_head)
-
-
-def _allow_head(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
-    name, value = header
-    if name.lower() == b"allow" and b"GET" in value.split(b", "):
-        return name, value + b", HEAD"
-    return header
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
 
 
 class BodySizeLimit:
@@ -196,8 +186,12 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._reject(scope, receive, send)
+        if length is not None and length.isdigit():
+            if int(length) > self.limit:
+                await self._reject(scope, receive, send)
+            else:
+                # The server reads exactly Content-Length bytes of body: nothing to count.
+                await self.app(scope, receive, send)
             return
         received = 0
 
