@@ -13,6 +13,8 @@ from typing import Any
 
 from bench.servers import ROOT
 
+BENCH = Path(__file__).resolve().parent
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -448,6 +450,11 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
         ]
         for name, r in i["runs"].items():
             parts += _statements(f"`{name}`", r)
+    dashboard = BENCH / "DASHBOARD.md"
+    if dashboard.exists():
+        # Its own run (a browser, the demo data): kept beside this one's figures.
+        text = dashboard.read_text().strip().replace("# Dashboard benchmark", "## Dashboard", 1)
+        parts += ["", text]
     if notes is not None and notes.exists():
         parts += ["", notes.read_text().strip()]
     return "\n".join(parts) + "\n"
