@@ -543,6 +543,8 @@ async def restore(pool: asyncpg.Pool, params: Params) -> None:
                 params.end.date(),
             )
             await conn.execute("TRUNCATE usage_counters")
+            # The ingest scenario's floor tables.
+            await conn.execute("DROP TABLE IF EXISTS floor_events, floor_deltas")
             await conn.execute(_COUNTERS)
             await conn.execute("UPDATE bench.dataset SET dirty = false")
     await vacuum(pool)

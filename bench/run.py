@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 
-from bench import dataset, report, scenarios, series_scenario
+from bench import dataset, ingest_scenario, report, scenarios, series_scenario
 from bench.servers import (
     ROOT,
     CpuMeter,
@@ -33,7 +33,7 @@ from usage_api.config import Settings
 from usage_api.db import create_engine, transact
 from usage_api.keys import create_key
 
-SCENARIOS = ("pgbench", "ranges", "exactness", "series", "counters", "ingestion")
+SCENARIOS = ("pgbench", "ranges", "exactness", "series", "counters", "ingestion", "ingest")
 BENCH = Path(__file__).resolve().parent
 
 
@@ -80,6 +80,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-root",
         type=Path,
         help="serve the API from this copy of the repository (to try a change to src/)",
+    )
+    parser.add_argument(
+        "--baseline-root",
+        type=Path,
+        help="in the ingest scenario, also serve the API from this copy of the repository"
+        " (a baseline measured side by side)",
+    )
+    parser.add_argument(
+        "--ingest-rounds",
+        type=int,
+        default=3,
+        help="rounds of the ingest scenario (1 with --quick); the median API/floor ratio counts",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -282,6 +294,19 @@ async def _scenarios(
                 runs[name] = await scenarios.ingestion(ctx, api, name, orgs, clients, batch)
             after = await scenarios.after_ingestion(ctx, api.port, started)
         results["ingestion"] = {"runs": runs, "after": after}
+        await dataset.restore(ctx.pool, params)
+
+    if "ingest" in args.scenarios:
+        await dataset.mark_dirty(ctx.pool)
+        results["ingest"] = await ingest_scenario.ingest(
+            ctx,
+            lambda name, root: ServerSpec(
+                name, args.workers, args.pool_size, url, root or args.api_root
+            ),
+            logs,
+            args.baseline_root,
+            1 if args.quick else args.ingest_rounds,
+        )
         await dataset.restore(ctx.pool, params)
     return results
 
