@@ -156,6 +156,31 @@ def _semantic_errors(event: UsageEventIn, latest: datetime) -> list[tuple[str, s
     return problems
 
 
+def _fits(event: UsageEventIn, latest: datetime) -> bool:
+    """Whether `_semantic_errors` would find nothing, without building its lists: the
+    question asked of every event of every batch (a third of a batch's validation)."""
+    if event.occurred_at > latest:
+        return False
+    if event.type == "voice":
+        if event.seconds is None or event.segments is not None:
+            return False
+        # Left out, not null.
+        absent: tuple[str, ...] = (
+            ("segments",)
+            if event.knowledge_base is not None
+            else (
+                "segments",
+                "knowledge_base",
+            )
+        )
+    else:
+        if event.segments is None or event.seconds is not None or event.knowledge_base is not None:
+            return False
+        absent = ("seconds", "knowledge_base")
+    given = event.model_fields_set
+    return not any(name in given for name in absent)
+
+
 def parse_events(raw: Any) -> list[UsageEventIn]:
     """Validate a batch; a 400 naming every bad event if any is."""
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_EVENTS:
@@ -168,6 +193,8 @@ def parse_events(raw: Any) -> list[UsageEventIn]:
     except ValidationError:
         pass
     else:
+        if all(_fits(event, latest) for event in valid):
+            return valid
         details = [
             {"index": index, "field": field, "error": error}
             for index, event in enumerate(valid)
