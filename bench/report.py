@@ -461,18 +461,25 @@ def _us(value: float | None) -> str:
 
 def _ingest(run: dict[str, Any], ingest: dict[str, Any]) -> list[str]:
     """The ingest scenario: the API (and its baseline) beside the write floor."""
+
+    def cpu(r: dict[str, Any]) -> float | None:
+        app, pg = r["app_cpu_us_per_event"], r["pg_cpu_us_per_event"]
+        return None if app is None or pg is None else float(app + pg)
+
     rows = []
     for case, servers in ingest["cases"].items():
-        floor = servers["floor"]["events_per_s"]
+        floor = servers["floor"]
         for name, r in servers.items():
             if name == "ratios":
                 continue
+            spent, least = cpu(r), cpu(floor)
             rows.append(
                 [
                     case,
                     name,
                     _num(r["events_per_s"], 0),
-                    f"{r['events_per_s'] / floor:.2f}x",
+                    f"{r['events_per_s'] / floor['events_per_s']:.2f}x",
+                    f"{least / spent:.2f}x" if spent and least else "n/a",
                     _us(r["app_cpu_us_per_event"]),
                     _us(r["pg_cpu_us_per_event"]),
                     f"{_num(r['p50_ms'], 2)} ms",
@@ -487,6 +494,7 @@ def _ingest(run: dict[str, Any], ingest: dict[str, Any]) -> list[str]:
                 "batch",
                 f"SQL only, {r['connections']} conn.",
                 _num(r["events_per_s"], 0),
+                "",
                 "",
                 "",
                 _us(r["pg_cpu_us_per_event"]),
@@ -509,7 +517,9 @@ def _ingest(run: dict[str, Any], ingest: dict[str, Any]) -> list[str]:
         " clients; events over every organization. `floor` is bench/floor_app.py (FastAPI +"
         " asyncpg: validation, one statement checking targets, inserting with ON CONFLICT DO"
         " NOTHING and appending deltas); `SQL only` is that statement over generated rows, 1000"
-        " a statement, with no client. CPU per event covers the whole load (warm-up included)."
+        " a statement, with no client. CPU per event covers the whole load (warm-up included);"
+        " `CPU vs floor` is the floor's app + PostgreSQL CPU per event over this server's (on"
+        " a shared machine steadier than events/s, which follow the others' load)."
         " The fold column is how long the API's fold took to catch up after the load.",
         "",
         table(
@@ -518,6 +528,7 @@ def _ingest(run: dict[str, Any], ingest: dict[str, Any]) -> list[str]:
                 "server",
                 "events/s",
                 "vs floor",
+                "CPU vs floor",
                 "app CPU/event",
                 "PG CPU/event",
                 "p50",

@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ingest-rounds",
         type=int,
-        default=3,
-        help="rounds of the ingest scenario (1 with --quick); the median API/floor ratio counts",
+        help="rounds of the ingest scenario (default 3, 1 with --quick); the median"
+        " API/floor ratio counts",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -305,7 +305,7 @@ async def _scenarios(
             ),
             logs,
             args.baseline_root,
-            1 if args.quick else args.ingest_rounds,
+            args.ingest_rounds or (1 if args.quick else 3),
         )
         await dataset.restore(ctx.pool, params)
     return results
