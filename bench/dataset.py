@@ -576,6 +576,8 @@ async def restore(pool: asyncpg.Pool, params: Params) -> None:
                 params.end.date(),
             )
             await conn.execute("TRUNCATE usage_counters")
+            # The ingest scenario's floor tables.
+            await conn.execute("DROP TABLE IF EXISTS floor_events, floor_deltas")
             await conn.execute(_COUNTERS)
             await conn.execute("DELETE FROM partner_hourly WHERE hour_at >= $1", params.end)
             await conn.execute("DELETE FROM partner_daily WHERE day >= $1", params.end.date())

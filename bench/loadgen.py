@@ -12,7 +12,8 @@ Two ways to run:
 - `"duration_s"`: `connections` sockets send requests for `warmup_s + duration_s`
   seconds; only requests both started and finished in the measured window count. The
   requests are GETs from `paths` (random order), or ingestion bodies built on the fly
-  from `ingest` (`batch` events each, unique ids, random targets).
+  from `ingest` (`batch` events each, unique ids, random targets), posted to its `path`
+  (default `/v1/usage/events`).
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ async def run_timed(spec: dict[str, Any]) -> dict[str, Any]:
     def request_maker(stream: int) -> Callable[[], bytes]:
         if ingest is not None:
             maker = EventMaker(ingest, stream)
-            return lambda: _post(host, port, "/v1/usage/events", headers, maker.body())
+            path = ingest.get("path", "/v1/usage/events")
+            return lambda: _post(host, port, path, headers, maker.body())
         rng = random.Random(stream)
         raws = [_get(host, port, path, headers) for path in spec["paths"]]
         cycle: Iterator[bytes] = itertools.cycle(rng.sample(raws, len(raws)))

@@ -450,6 +450,8 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
         ]
         for name, r in i["runs"].items():
             parts += _statements(f"`{name}`", r)
+    if "ingest" in results:
+        parts += _ingest(run, results["ingest"])
     dashboard = BENCH / "DASHBOARD.md"
     if dashboard.exists():
         # Its own run (a browser, the demo data): kept beside this one's figures.
@@ -458,3 +460,95 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
     if notes is not None and notes.exists():
         parts += ["", notes.read_text().strip()]
     return "\n".join(parts) + "\n"
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} us"
+
+
+def _ingest(run: dict[str, Any], ingest: dict[str, Any]) -> list[str]:
+    """The ingest scenario: the API (and its baseline) beside the write floor."""
+
+    def cpu(r: dict[str, Any]) -> float | None:
+        app, pg = r["app_cpu_us_per_event"], r["pg_cpu_us_per_event"]
+        return None if app is None or pg is None else float(app + pg)
+
+    rows = []
+    for case, servers in ingest["cases"].items():
+        floor = servers["floor"]
+        for name, r in servers.items():
+            if name == "ratios":
+                continue
+            spent, least = cpu(r), cpu(floor)
+            rows.append(
+                [
+                    case,
+                    name,
+                    _num(r["events_per_s"], 0),
+                    f"{r['events_per_s'] / floor['events_per_s']:.2f}x",
+                    f"{least / spent:.2f}x" if spent and least else "n/a",
+                    _us(r["app_cpu_us_per_event"]),
+                    _us(r["pg_cpu_us_per_event"]),
+                    f"{_num(r['p50_ms'], 2)} ms",
+                    str(r["errors"]),
+                    _num(r.get("fold_catch_up_s"), 1) if "fold_catch_up_s" in r else "",
+                    _pct(r["others"]),
+                ]
+            )
+    for r in ingest["sql_floor"]:
+        rows.append(
+            [
+                "batch",
+                f"SQL only, {r['connections']} conn.",
+                _num(r["events_per_s"], 0),
+                "",
+                "",
+                "",
+                _us(r["pg_cpu_us_per_event"]),
+                "",
+                "",
+                "",
+                _pct(r["others"]),
+            ]
+        )
+    ratios = "; ".join(
+        f"{case} " + ", ".join(f"{x:.2f}" for x in servers["ratios"])
+        for case, servers in ingest["cases"].items()
+    )
+    parts = [
+        "",
+        "## Ingestion against the write floor",
+        "",
+        f"{_num(run['duration_s'], 0)} s measured after a warm-up; `single`: one new event a"
+        f" request from {run['connections']} clients; `batch`: 1000 new events a request from 4"
+        " clients; events over every organization. `floor` is bench/floor_app.py (FastAPI +"
+        " asyncpg: validation, one statement checking targets, inserting with ON CONFLICT DO"
+        " NOTHING and appending deltas); `SQL only` is that statement over generated rows, 1000"
+        " a statement, with no client. CPU per event covers the whole load (warm-up included);"
+        " `CPU vs floor` is the floor's app + PostgreSQL CPU per event over this server's (on"
+        " a shared machine steadier than events/s, which follow the others' load)."
+        " The fold column is how long the API's fold took to catch up after the load.",
+        "",
+        table(
+            [
+                "case",
+                "server",
+                "events/s",
+                "vs floor",
+                "CPU vs floor",
+                "app CPU/event",
+                "PG CPU/event",
+                "p50",
+                "errors",
+                "fold s",
+                "others' CPU",
+            ],
+            rows,
+        ),
+        "",
+        f"{ingest['rounds']} round(s), alternating the order of the servers; the rows are the"
+        f" round with the median API/floor ratio. Every round's ratio: {ratios}.",
+    ]
+    for case, servers in ingest["cases"].items():
+        parts += _statements(f"`{case}` through the API", servers["api"])
+    return parts

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 
-from bench import dataset, report, scenarios, series_scenario
+from bench import dataset, ingest_scenario, report, scenarios, series_scenario
 from bench.servers import (
     ROOT,
     CpuMeter,
@@ -34,7 +34,7 @@ from usage_api.config import Settings
 from usage_api.db import create_engine, transact
 from usage_api.keys import create_key
 
-SCENARIOS = ("pgbench", "ranges", "exactness", "series", "counters", "ingestion")
+SCENARIOS = ("pgbench", "ranges", "exactness", "series", "counters", "ingestion", "ingest")
 BENCH = Path(__file__).resolve().parent
 
 
@@ -87,6 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="in the series scenario, also time every request against the API of this"
         " checkout (e.g. a worktree of main), in turn with this one's",
+    )
+    parser.add_argument(
+        "--baseline-root",
+        type=Path,
+        help="in the ingest scenario, also serve the API from this copy of the repository"
+        " (a baseline measured side by side)",
+    )
+    parser.add_argument(
+        "--ingest-rounds",
+        type=int,
+        help="rounds of the ingest scenario (default 3, 1 with --quick); the median"
+        " API/floor ratio counts",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -303,6 +315,19 @@ async def _scenarios(
                 runs[name] = await scenarios.ingestion(ctx, api, name, orgs, clients, batch)
             after = await scenarios.after_ingestion(ctx, api.port, started)
         results["ingestion"] = {"runs": runs, "after": after}
+        await dataset.restore(ctx.pool, params)
+
+    if "ingest" in args.scenarios:
+        await dataset.mark_dirty(ctx.pool)
+        results["ingest"] = await ingest_scenario.ingest(
+            ctx,
+            lambda name, root: ServerSpec(
+                name, args.workers, args.pool_size, url, root or args.api_root
+            ),
+            logs,
+            args.baseline_root,
+            args.ingest_rounds or (1 if args.quick else 3),
+        )
         await dataset.restore(ctx.pool, params)
     return results
 

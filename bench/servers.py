@@ -229,8 +229,13 @@ class ServerSpec:
     # A copy of the repository to serve the API from, to try a change without touching src/.
     api_root: Path | None = None
 
+    @property
+    def is_api(self) -> bool:
+        """The API (`api`, or `api-<label>` served from another copy), not the floor app."""
+        return self.name == "api" or self.name.startswith("api-")
+
     def command(self, port: int) -> list[str]:
-        if self.name == "api":
+        if self.is_api:
             serve = [str(BIN / "usage-api"), "serve"]
             return [*serve, "--port", str(port), "--workers", str(self.workers)]
         floor = [sys.executable, "-m", "bench.floor_app"]
@@ -239,7 +244,7 @@ class ServerSpec:
     @property
     def root(self) -> Path:
         # The API runs from its copy (alembic.ini puts the cwd's src/ first on sys.path).
-        return self.api_root if self.name == "api" and self.api_root else ROOT
+        return self.api_root if self.is_api and self.api_root else ROOT
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -309,7 +314,7 @@ async def serving(spec: ServerSpec, log_dir: Path) -> Any:
     """Start a server, wait until it answers, stop it on exit."""
     server = RunningServer(spec, log_dir)
     try:
-        await server.wait_ready("/readyz" if spec.name == "api" else "/docs")
+        await server.wait_ready("/readyz" if spec.is_api else "/docs")
         yield server
     finally:
         await asyncio.to_thread(server.stop)

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Concatenate, NewType, ParamSpec, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -250,3 +251,36 @@ async def fetch_row(engine: AsyncEngine, statement: str, *args: Any) -> Any:
             raise
         pooled.close()
         return row
+
+
+async def fetch_rows(engine: AsyncEngine, statement: str, *args: Any) -> list[Any]:
+    """`fetch_row`, for every row of the statement's answer."""
+    with _unavailable_as_503():
+        pooled = await engine.raw_connection()
+        driver: Any = pooled.driver_connection
+        try:
+            rows: list[Any] = await driver.fetch(statement, *args)
+        except BaseException as exc:
+            pooled.invalidate(exc if isinstance(exc, Exception) else None)
+            raise
+        pooled.close()
+        return rows
+
+
+async def write_row(engine: PrimaryEngine, statement: str, *args: Any) -> Any:
+    """One writing statement (`$n` placeholders) on asyncpg directly, outside a transaction:
+    PostgreSQL runs a single statement atomically, so it needs no BEGIN and COMMIT, and it
+    is committed when this returns. Its row or None.
+
+    As `transact`, a serialization failure or deadlock (the statement did nothing) is
+    retried and an unreachable database becomes a 503.
+    """
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        try:
+            return await fetch_row(engine, statement, *args)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate not in _RETRYABLE_SQLSTATES or attempt == _MAX_ATTEMPTS:
+                raise
+            log.info("retrying statement after %s (attempt %d)", exc.sqlstate, attempt)
+            await asyncio.sleep(0.005 * 2**attempt)
+    raise AssertionError("unreachable")
