@@ -83,16 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve the API from this copy of the repository (to try a change to src/)",
     )
     parser.add_argument(
-        "--series-baseline",
-        type=Path,
-        help="in the series scenario, also time every request against the API of this"
-        " checkout (e.g. a worktree of main), in turn with this one's",
-    )
-    parser.add_argument(
         "--baseline-root",
         type=Path,
-        help="in the ingest scenario, also serve the API from this copy of the repository"
-        " (a baseline measured side by side)",
+        help="also serve the API from this copy of the repository (e.g. a worktree of main):"
+        " the series and ingest scenarios measure it side by side with this one",
     )
     parser.add_argument(
         "--ingest-rounds",
@@ -204,8 +198,8 @@ async def run(url: str, bin_dir: Path | None, args: argparse.Namespace) -> dict[
         " USAGE_API_LOG_LEVEL=warning"
         + (f", served from {args.api_root}" if args.api_root else "")
         + (
-            f"; series also timed against {args.series_baseline}, request by request"
-            if args.series_baseline
+            f"; series also timed against {args.baseline_root}, request by request"
+            if args.baseline_root
             else ""
         ),
         "workers": args.workers,
@@ -252,9 +246,9 @@ async def _scenarios(
         async with contextlib.AsyncExitStack() as stack:
             api = await stack.enter_async_context(serving(spec("api", args.workers), logs))
             baseline = None
-            if args.series_baseline is not None:
+            if args.baseline_root is not None:
                 baseline_spec = ServerSpec(
-                    "api", args.workers, args.pool_size, url, args.series_baseline
+                    "api", args.workers, args.pool_size, url, args.baseline_root
                 )
                 baseline = await stack.enter_async_context(serving(baseline_spec, logs))
             timings = await series_scenario.timings(
