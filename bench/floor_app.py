@@ -95,15 +95,11 @@ def create_app() -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with (
-            asyncpg.create_pool(url, min_size=1, max_size=pool_size) as pool,
-            # Without asyncpg's reset on release (RESET ALL, CLOSE ALL and friends: a round
-            # trip per request) for writes, which set nothing that would need it. The API's
-            # pool does not pay it either (a rollback of nothing sends nothing).
-            asyncpg.create_pool(url, min_size=1, max_size=pool_size, reset=_keep) as writes,
-        ):
+        # Without asyncpg's reset on release (RESET ALL, CLOSE ALL and friends: a round trip
+        # per request): neither route sets anything that would need it, and the API's pool
+        # does not pay it either (a rollback of nothing sends nothing).
+        async with asyncpg.create_pool(url, min_size=1, max_size=pool_size, reset=_keep) as pool:
             app.state.pool = pool
-            app.state.writes = writes
             yield
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -122,7 +118,7 @@ def create_app() -> FastAPI:
         columns = [[getattr(e, c) for e in batch.events] for c in EVENT_COLUMNS]
         kb = _KNOWLEDGE_BASE
         columns[kb] = [bool(v) for v in columns[kb]]  # left out is false
-        accepted = await app.state.writes.fetchval(_INSERT, *columns)
+        accepted = await app.state.pool.fetchval(_INSERT, *columns)
         return JSONResponse({"success": True, "accepted": accepted})
 
     return app
