@@ -32,43 +32,14 @@ from usage_api.sql import METRIC_COLUMNS, METRIC_SUMS, compile_named
 
 log = logging.getLogger("usage_api")
 
-_ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS)
-_ADD_SOURCE = ", ".join(f"{m} = t.{m} + s.{m}" for m in METRICS)
-_ALL_ZERO = " AND ".join(f"s.{m} = 0" for m in METRICS)
+# A row whose sums are all zero is not updated: its sums would not change, and a new row
+# version is WAL and a dead tuple for nothing (it is still inserted when it is new).
+_ADD_EXCLUDED = ", ".join(f"{m} = {{table}}.{m} + excluded.{m}" for m in METRICS) + (
+    " WHERE NOT (" + " AND ".join(f"excluded.{m} = 0" for m in METRICS) + ")"
+)
 
 # 0x7573616765 is "usage": any constant will do as long as nothing else uses it.
 _FOLD_LOCK = 0x7573616765
-
-
-def _add_to(name: str, table: str, keys: tuple[str, ...], source: str) -> str:
-    """Two CTEs that add the rows of CTE `source` to `table`, one version per changed row.
-
-    An UPDATE of the rows that exist, then an INSERT of the others. `INSERT ... ON CONFLICT
-    DO UPDATE` would lock every row it updates, a WAL record of its own before the
-    update's. Only the fold writes the roll-ups, under its lock (the partner trigger takes
-    it too), so no row can appear between the two; the insert's ON CONFLICT is a safety
-    net that adds rather than fails. A row whose sums are all zero is not updated (they do
-    not change it), nor inserted when it exists.
-    """
-    on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    columns = ", ".join(keys)
-    source_keys = ", ".join(f"s.{k}" for k in keys)
-    return f"""{name}_updated AS (
-    UPDATE {table} t SET {_ADD_SOURCE}
-    FROM {source} s
-    WHERE {on} AND NOT ({_ALL_ZERO})
-    RETURNING {", ".join(f"t.{k}" for k in keys)}
-),
-{name}_inserted AS (
-    INSERT INTO {table} ({columns}, {METRIC_COLUMNS})
-    SELECT {source_keys}, {", ".join(f"s.{m}" for m in METRICS)}
-    FROM {source} s
-    WHERE ({source_keys}) NOT IN (SELECT {columns} FROM {name}_updated)
-      AND NOT ({_ALL_ZERO} AND EXISTS (SELECT FROM {table} t WHERE {on}))
-    ORDER BY {columns}
-    ON CONFLICT ({columns}) DO UPDATE SET {_ADD_EXCLUDED.format(table=table)}
-)"""
-
 
 # Deltas are summed per hour for the hourly rows, and per day once: every daily row and
 # every counter comes from those day sums, so the user rows (nearly one per delta when
@@ -89,18 +60,32 @@ targets AS (
     UNION ALL
     SELECT organization_id, '', day, {METRIC_SUMS} FROM days GROUP BY organization_id, day
 ),
-hours AS (
+hourly AS (
+    INSERT INTO usage_hourly (organization_id, user_id, hour_at, {METRIC_COLUMNS})
     SELECT organization_id, user_id, hour_at, {METRIC_SUMS} FROM batch WHERE user_id <> ''
     GROUP BY organization_id, user_id, hour_at
     UNION ALL
     SELECT organization_id, '', hour_at, {METRIC_SUMS} FROM batch
     GROUP BY organization_id, hour_at
+    ORDER BY 1, 2, 3
+    ON CONFLICT (organization_id, user_id, hour_at)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_hourly")}
 ),
-months AS (
-    SELECT organization_id, date_trunc('month', day::timestamp)::date AS month, {METRIC_SUMS}
-    FROM targets
+daily AS (
+    INSERT INTO usage_daily (organization_id, user_id, day, {METRIC_COLUMNS})
+    SELECT organization_id, user_id, day, {METRIC_COLUMNS} FROM targets
+    ORDER BY organization_id, user_id, day
+    ON CONFLICT (organization_id, user_id, day)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_daily")}
+),
+monthly AS (
+    INSERT INTO organization_monthly (organization_id, month, {METRIC_COLUMNS})
+    SELECT organization_id, date_trunc('month', day::timestamp)::date, {METRIC_SUMS} FROM targets
     WHERE user_id = ''
     GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (organization_id, month)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="organization_monthly")}
 ),
 partner_hours AS (
     SELECT o.partner_id, b.hour_at, {METRIC_SUMS}
@@ -108,21 +93,29 @@ partner_hours AS (
     WHERE o.partner_id IS NOT NULL
     GROUP BY 1, 2
 ),
-partner_days AS (
-    SELECT partner_id, (hour_at AT TIME ZONE 'UTC')::date AS day, {METRIC_SUMS}
-    FROM partner_hours
-    GROUP BY 1, 2
+partner_hourly AS (
+    INSERT INTO partner_hourly (partner_id, hour_at, {METRIC_COLUMNS})
+    SELECT partner_id, hour_at, {METRIC_COLUMNS} FROM partner_hours
+    ORDER BY partner_id, hour_at
+    ON CONFLICT (partner_id, hour_at)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="partner_hourly")}
 ),
-user_totals AS (
+partner_daily AS (
+    INSERT INTO partner_daily (partner_id, day, {METRIC_COLUMNS})
+    SELECT partner_id, (hour_at AT TIME ZONE 'UTC')::date, {METRIC_SUMS} FROM partner_hours
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (partner_id, day)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="partner_daily")}
+),
+counters AS (
+    INSERT INTO usage_counters (organization_id, user_id, {METRIC_COLUMNS})
     SELECT organization_id, user_id, {METRIC_SUMS} FROM targets
     GROUP BY organization_id, user_id
-),
-{_add_to("hourly", "usage_hourly", ("organization_id", "user_id", "hour_at"), "hours")},
-{_add_to("daily", "usage_daily", ("organization_id", "user_id", "day"), "targets")},
-{_add_to("monthly", "organization_monthly", ("organization_id", "month"), "months")},
-{_add_to("partner_hourly", "partner_hourly", ("partner_id", "hour_at"), "partner_hours")},
-{_add_to("partner_daily", "partner_daily", ("partner_id", "day"), "partner_days")},
-{_add_to("counters", "usage_counters", ("organization_id", "user_id"), "user_totals")}
+    ORDER BY organization_id, user_id
+    ON CONFLICT (organization_id, user_id)
+    DO UPDATE SET {_ADD_EXCLUDED.format(table="usage_counters")}
+)
 SELECT count(*) FROM batch
 """)
 
