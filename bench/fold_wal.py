@@ -164,6 +164,8 @@ async def main(url: str, args: argparse.Namespace) -> None:
                 results[(which, fill, size)].append(got)
                 print(f"round {r + 1} {which:4} {fill:5} fold of {size:6,}: {_line(got)}")
                 print(f"    {got['kinds']}", flush=True)
+        if args.fillfactor:
+            await _set_fillfactor(conn, fills["ffmig"])
         print("medians:")
         for (which, fill, size), runs in results.items():
             median = {
