@@ -29,8 +29,8 @@ from typing import Any, Literal, NamedTuple
 
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.totals import (
-    ENTITY_ROWS,
     KINDS,
+    ROLLUP_ROWS,
     entity_json,
     entity_statement,
     period_json,
@@ -228,13 +228,13 @@ def plan(bounds: Sequence[datetime], top: Level) -> Plan:
 # -- the statement ------------------------------------------------------------------------
 # Until quarter-hour roll-ups exist, a quarter-hour is read from the log (which holds every
 # event, folded or not). Hour and day values are roll-ups plus their unfolded deltas.
-# Placeholders as in `totals`: {events} and {rollups} select the entity's rows.
+# Placeholders as in `totals.ROLLUP_ROWS`: a partner's hours and days are its own rows.
 
 _TOP = {
     "day": f"""
     SELECT width_bucket((CAST(day AS timestamp) AT TIME ZONE 'UTC') + interval '12 hours',
                         CAST(:bounds AS timestamptz[])) AS bucket, {METRIC_COLUMNS}
-    FROM usage_daily WHERE {{rollups}} AND day >= :top_first_day AND day < :top_end_day
+    FROM {{daily}} WHERE {{rollups}} AND day >= :top_first_day AND day < :top_end_day
     UNION ALL
     SELECT width_bucket(date_trunc('day', hour_at, 'UTC') + interval '12 hours',
                         CAST(:bounds AS timestamptz[])), {METRIC_COLUMNS}
@@ -242,7 +242,7 @@ _TOP = {
     "hour": f"""
     SELECT width_bucket(hour_at + interval '30 minutes', CAST(:bounds AS timestamptz[]))
         AS bucket, {METRIC_COLUMNS}
-    FROM usage_hourly WHERE {{rollups}} AND hour_at >= :top_start AND hour_at < :top_end
+    FROM {{hourly}} WHERE {{rollups}} AND hour_at >= :top_start AND hour_at < :top_end
     UNION ALL
     SELECT width_bucket(hour_at + interval '30 minutes', CAST(:bounds AS timestamptz[])),
         {METRIC_COLUMNS}
@@ -265,7 +265,7 @@ _SPANS = f"""
     WHERE t.bucket > 0"""
 _HOUR_ROWS = f"""
     SELECT {METRIC_SUMS} FROM (
-        SELECT {METRIC_COLUMNS} FROM usage_hourly
+        SELECT {METRIC_COLUMNS} FROM {{hourly}}
         WHERE {{rollups}} AND hour_at >= s.lo AND hour_at < s.hi
         UNION ALL
         SELECT {METRIC_COLUMNS} FROM usage_deltas
@@ -300,10 +300,7 @@ def _statement(kind: str, top: Level, reads: frozenset[str]) -> Statement:
         parts.append(_SPANS.format(level="quarter", rows=_QUARTER_ROWS))
     if "raw" in reads:
         parts.append(_RAW)
-    events, rollups = ENTITY_ROWS[kind]
-    union = "\n    UNION ALL".join(
-        f"({part.format(events=events, rollups=rollups)})" for part in parts
-    )
+    union = "\n    UNION ALL".join(f"({part.format(**ROLLUP_ROWS[kind])})" for part in parts)
     return compile_named(entity_statement(kind, _SERIES).replace("{parts}", union))
 
 
