@@ -208,17 +208,27 @@ class Calendar:
         # Local midnights a day, a week or a month apart are never resolved out of order
         # (no offset changes by more than a day), so the boundaries after `start` are
         # those midnights resolved one after the other, equal ones once: one `resolve`
-        # a bucket, where `following` would search from the unit's floor again.
+        # a bucket, where `following` would search from the unit's floor again. And
+        # `resolve` as arithmetic: the wall time is carried in a UTC datetime and the
+        # zone's offset for it (`fold=0`, as `resolve` reads it) is taken away, which
+        # spares building a datetime in the zone for each bucket.
+        unit = self.unit
+        step = {"day": _DAY, "week": 7 * _DAY}.get(unit)
         try:
-            wall = _wall_floor(_local(start, zone).replace(tzinfo=None), self.unit)
-            wall = _wall_step(wall, self.unit, -1)
+            wall = _wall_floor(_local(start, zone).replace(tzinfo=None), unit)
+            wall = _wall_step(wall, unit, -1).replace(tzinfo=UTC)
             last = start
             while last < MAX_INSTANT:
-                boundary = resolve(wall, zone)
+                offset = zone.utcoffset(wall)
+                assert offset is not None
+                try:
+                    boundary = wall - offset
+                except OverflowError:  # an edge of time, which `resolve` clamps
+                    boundary = resolve(wall.replace(tzinfo=None), zone)
                 if boundary > last:
                     yield boundary
                     last = boundary
-                wall = _wall_step(wall, self.unit, 1)
+                wall = wall + step if step is not None else _wall_step(wall, unit, 1)
         except (OverflowError, ValueError):  # past the last date a datetime holds
             yield MAX_INSTANT
 
