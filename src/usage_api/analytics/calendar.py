@@ -121,17 +121,20 @@ def _wall_step(wall: datetime, unit: Granularity, steps: int) -> datetime:
     return wall + steps * size
 
 
-def _following_hour(zone: ZoneInfo, at: datetime) -> datetime:
-    """The next local hour after `at`, or the next change of offset if one comes first."""
-    local = _local(at, zone)
+def _following_hour(zone: ZoneInfo, at: datetime, local: datetime) -> tuple[datetime, datetime]:
+    """The next local hour after `at` (`local` in the zone), or the next change of offset
+    if one comes first; and that instant in the zone. The offset is compared at the next
+    hour itself, which is the next step's `local` too: a change exactly there is found
+    by `_first_change` as that very instant."""
     if local.minute or local.second or local.microsecond:
         next_hour = at - (local - _wall_floor(local, "hour")) + _HOUR
     else:  # on the hour, as every boundary but a range's start or a change of offset
         next_hour = at + _HOUR
-    last = next_hour - _MICROSECOND
-    if _offset(last, zone) != local.utcoffset():
-        return _first_change(zone, at, last)
-    return next_hour
+    next_local = _local(next_hour, zone)
+    if next_local.utcoffset() != local.utcoffset():
+        change = _first_change(zone, at, next_hour)
+        return change, _local(change, zone) if change != next_hour else next_local
+    return next_hour, next_local
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ class Calendar:
 
     def _following(self, at: datetime) -> datetime:
         if self.unit == "hour":
-            return _following_hour(self.zone, at)
+            return _following_hour(self.zone, at, _local(at, self.zone))[0]
         wall = _wall_floor(_local(at, self.zone).replace(tzinfo=None), self.unit)
         wall = _wall_step(wall, self.unit, -1)
         while (boundary := resolve(wall, self.zone)) <= at:
@@ -197,10 +200,10 @@ class Calendar:
         """`following(start)`, then `following` of that, and so on, to MAX_INSTANT."""
         zone = self.zone
         if self.unit == "hour":
-            at = start
+            at, local = start, _local(start, zone)
             try:
                 while at < MAX_INSTANT:
-                    at = _following_hour(zone, at)
+                    at, local = _following_hour(zone, at, local)
                     yield at
             except OverflowError:
                 yield MAX_INSTANT
