@@ -21,7 +21,7 @@ finest field names (a local day ends at the next local midnight, 23 or 25 hours 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
@@ -238,6 +238,11 @@ class Calendar:
     def label(self, at: datetime) -> str:
         """ISO 8601 with the zone's own offset at that instant."""
         return _local(at, self.zone).isoformat()
+
+    def labels(self, instants: Iterable[datetime]) -> list[str]:
+        """`label` of each instant."""
+        zone = self.zone
+        return [at.astimezone(zone).isoformat() for at in instants]
 
 
 @dataclass(frozen=True)

@@ -413,7 +413,7 @@ async def read_series(
         return row["key_id"], None
 
     n = len(bounds) - 1
-    buckets = SeriesBuckets([query.calendar.label(b) for b in bounds], _columns(row, n))
+    buckets = SeriesBuckets(query.calendar.labels(bounds), _columns(row, n))
     usage = entity_json(kind, row)
     usage.update(sums_json([sum(column) for column in buckets.columns]))
     usage.update(period_json(query))
