@@ -1,20 +1,21 @@
 """`usage-api import` against HTTP batches, on the same machine and database, alternated.
 
     uv run python -m bench.import_rate [--events 200000] [--rounds 3]
-        [--url postgresql://postgres@127.0.0.1:5432/importer]
+        [--url postgresql://postgres@127.0.0.1:5432/importer] [--baseline-root DIR]
 
-Each round imports a fresh NDJSON file of `--events` new events (in-process `run_import`,
-both passes: the check and the writes), then posts as many new events to a live
-`usage-api serve --workers 2` in 1000-event batches from 4 concurrent clients. The bodies
-are serialized before the clock starts, so the client's own JSON work is not counted
-against the server. Prints each round and the medians.
+Each round imports a fresh NDJSON file of `--events` new events (`run_import` in a process
+of its own, timed inside it from the call to the summary), then posts as many new events
+to a live `usage-api serve --workers 2` in 1000-event batches from 4 concurrent clients.
+The bodies are serialized before the clock starts, so the client's own JSON work is not
+counted against the server. With `--baseline-root` (a checkout of another commit, e.g. a
+worktree of main), each round also imports a file of as many new events with that
+checkout's importer, in the same database. Prints each round and the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
@@ -33,11 +34,11 @@ from usage_api.auth import Principal
 from usage_api.config import get_settings
 from usage_api.db import PrimaryEngine, create_engine, transact
 from usage_api.directory import put_organization, put_user
-from usage_api.importer import run_import
 from usage_api.keys import create_key
 from usage_api.schemas import OrganizationIn, UserIn
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 ADMIN = Principal("bench", "admin", None, None, can_write=True)
 ORGANIZATIONS = 10
 USERS = 20
@@ -99,16 +100,36 @@ async def prepare(url: str) -> str:
         await engine.dispose()
 
 
-async def import_rate(url: str, path: Path, count: int) -> float:
+# Run with `PYTHONPATH=<root>/src`, so that the checkout under test is the one imported.
+_IMPORT = """
+import asyncio, io, sys, time
+from usage_api.config import get_settings
+from usage_api.db import PrimaryEngine, create_engine
+from usage_api.importer import run_import
+
+async def main(url, path, count):
     engine = PrimaryEngine(create_engine(get_settings(), url))
     try:
         started = time.monotonic()
-        summary = await run_import(engine, str(path), stderr=io.StringIO())
+        summary = await run_import(engine, path, stderr=io.StringIO())
         elapsed = time.monotonic() - started
     finally:
         await engine.dispose()
     assert summary.accepted == count, summary
-    return count / elapsed
+    print(count / elapsed)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def import_rate(root: Path, url: str, path: Path, count: int) -> float:
+    """Events/s of `usage-api import` from the checkout at `root`."""
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(root / "src")}
+    command = [sys.executable, "-c", _IMPORT, url, str(path), str(count)]
+    done = await asyncio.to_thread(
+        subprocess.run, command, env=env, check=True, capture_output=True, text=True
+    )
+    return float(done.stdout.split()[-1])
 
 
 async def http_rate(port: int, key: str, made: list[dict[str, Any]]) -> float:
@@ -152,37 +173,51 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=18_431)
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/importer")
+    parser.add_argument("--baseline-root", type=Path, default=None)
     args = parser.parse_args(argv)
     key = await prepare(args.url)
     env = {**os.environ, "DATABASE_URL": args.url, "USAGE_API_LOG_LEVEL": "warning"}
     command = [BIN / "usage-api", "serve", "--port", str(args.port), "--workers", "2"]
     server = await asyncio.to_thread(subprocess.Popen, command, env=env)
     imported: list[float] = []
+    based: list[float] = []
     posted: list[float] = []
     try:
         await wait_ready(args.port)
         with tempfile.TemporaryDirectory() as tmp:
             for round in range(1, args.rounds + 1):
-                path = Path(tmp) / "events.ndjson"
-                with path.open("w") as out:
-                    for event in events(f"import-{round}", args.events):
-                        out.write(json.dumps(event) + "\n")
-                imported.append(await import_rate(args.url, path, args.events))
+                path = write_events(Path(tmp), f"import-{round}", args.events)
+                imported.append(await import_rate(ROOT, args.url, path, args.events))
+                line = f"round {round}: import {imported[-1]:,.0f} events/s"
+                if args.baseline_root is not None:
+                    path = write_events(Path(tmp), f"base-{round}", args.events)
+                    based.append(await import_rate(args.baseline_root, args.url, path, args.events))
+                    line += f", baseline import {based[-1]:,.0f} events/s"
                 posted.append(await http_rate(args.port, key, events(f"http-{round}", args.events)))
-                print(
-                    f"round {round}: import {imported[-1]:,.0f} events/s,"
-                    f" HTTP batches {posted[-1]:,.0f} events/s",
-                    flush=True,
-                )
+                print(f"{line}, HTTP batches {posted[-1]:,.0f} events/s", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    ratio = statistics.median(imported) / statistics.median(posted)
-    print(
-        f"median of {args.rounds}, {args.events:,} events each: import"
-        f" {statistics.median(imported):,.0f} events/s, HTTP batches ({BATCH} a request,"
-        f" {CLIENTS} clients, 2 workers) {statistics.median(posted):,.0f} events/s: {ratio:.2f}x"
+    http = statistics.median(posted)
+    line = f"median of {args.rounds}, {args.events:,} events each: import"
+    line += (
+        f" {statistics.median(imported):,.0f} events/s ({statistics.median(imported) / http:.2f}x)"
     )
+    if based:
+        base = statistics.median(based)
+        line += f", baseline import {base:,.0f} events/s ({base / http:.2f}x)"
+    print(
+        f"{line}, HTTP batches ({BATCH} a request, {CLIENTS} clients, 2 workers)"
+        f" {http:,.0f} events/s"
+    )
+
+
+def write_events(directory: Path, prefix: str, count: int) -> Path:
+    path = directory / f"{prefix}.ndjson"
+    with path.open("w") as out:
+        for event in events(prefix, count):
+            out.write(json.dumps(event) + "\n")
+    return path
 
 
 if __name__ == "__main__":
