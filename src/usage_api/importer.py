@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from usage_api.auth import Principal
 from usage_api.db import PrimaryEngine, run_autocommit, transact
 from usage_api.errors import ApiError
-from usage_api.ingest import MAX_EVENTS, IngestResult, _check_targets, ingest, parse_events
+from usage_api.ingest import MAX_EVENTS, IngestResult, ingest, parse_events
 from usage_api.migrations import check_current
 from usage_api.schemas import UsageEventIn
 
@@ -181,23 +181,18 @@ def _problem(number: int, raw: Any, detail: dict[str, Any]) -> Problem:
     )
 
 
-async def _without_unknown_targets(conn: AsyncConnection, chunk: _Chunk) -> None:
-    """Move the events whose organization or user does not exist to the problems."""
-    if not chunk.events:
-        return
-    try:
-        await _check_targets(conn, OPERATOR, chunk.events)
-    except ApiError as exc:
-        bad = {detail["index"]: detail for detail in exc.details or []}
-        for index, detail in bad.items():
-            event = chunk.events[index]
-            chunk.problems.append(
-                Problem(chunk.lines[index], event.id, detail["field"], detail["error"])
-            )
-        kept = [i for i in range(len(chunk.events)) if i not in bad]
-        chunk.events = [chunk.events[i] for i in kept]
-        chunk.lines = [chunk.lines[i] for i in kept]
-    chunk.problems.sort(key=lambda problem: problem.line)
+def _refused(chunk: _Chunk, details: list[dict[str, Any]]) -> None:
+    """Move the events that `details` (a 400's, by index into the events) name to the
+    problems."""
+    bad = {detail["index"]: detail for detail in details}
+    for index, detail in bad.items():
+        event = chunk.events[index]
+        chunk.problems.append(
+            Problem(chunk.lines[index], event.id, detail["field"], detail["error"])
+        )
+    kept = [i for i in range(len(chunk.events)) if i not in bad]
+    chunk.events = [chunk.events[i] for i in kept]
+    chunk.lines = [chunk.lines[i] for i in kept]
 
 
 class _Progress:
@@ -356,19 +351,15 @@ async def _import_all(
     try:
         while (chunk := await ahead) is not None:
             ahead = asyncio.ensure_future(asyncio.to_thread(following))
-            await _without_unknown_targets(conn, chunk)
-            if chunk.problems and not skip_invalid:
-                raise _stop(chunk.problems[0])
+            result = await _record(conn, chunk, skip_invalid)
             for problem in chunk.problems:
                 report.write(problem)
             summary.skipped += len({problem.line for problem in chunk.problems})
-            if chunk.events:
-                result = await _record(conn, chunk)
-                summary.accepted += result.accepted
-                summary.duplicates += result.duplicates
-                summary.conflicts += len(result.conflicts)
-                for event_id in result.conflicts:
-                    stderr.write(f"conflict: {event_id} is recorded with other content\n")
+            summary.accepted += result.accepted
+            summary.duplicates += result.duplicates
+            summary.conflicts += len(result.conflicts)
+            for event_id in result.conflicts:
+                stderr.write(f"conflict: {event_id} is recorded with other content\n")
             done += len(chunk.events)
             position = chunk.position
             progress.update(done, position)
@@ -382,11 +373,23 @@ async def _import_all(
     return summary
 
 
-async def _record(conn: AsyncConnection, chunk: _Chunk) -> IngestResult:
-    try:
-        return await ingest(conn, OPERATOR, chunk.events)
-    except ApiError as exc:
-        # Only if an organization or user was deleted since `_without_unknown_targets`.
-        raise ImportFailed(
-            f"a chunk was refused after its check ({exc.message}); nothing was imported"
-        ) from None
+async def _record(conn: AsyncConnection, chunk: _Chunk, skipping: bool) -> IngestResult:
+    """Record a validated chunk in the import's transaction: what was applied.
+
+    `ingest` checks every event's organization and user and writes nothing unless all are
+    found; the events it names join the problems and the rest are recorded. Unless
+    `skipping`, the first problem (in line order, whatever made its line bad) stops the
+    import: what this chunk or an earlier one wrote is then rolled back with the rest."""
+    result = IngestResult()
+    while chunk.events:
+        try:
+            result = await ingest(conn, OPERATOR, chunk.events)
+            break
+        except ApiError as exc:
+            if not exc.details:
+                raise ImportFailed(f"the database refused a chunk: {exc.message}") from None
+            _refused(chunk, exc.details)
+    chunk.problems.sort(key=lambda problem: problem.line)
+    if chunk.problems and not skipping:
+        raise _stop(chunk.problems[0])
+    return result
