@@ -132,6 +132,20 @@ async def import_rate(root: Path, url: str, path: Path, count: int) -> float:
     return float(done.stdout.split()[-1])
 
 
+async def settle(url: str) -> None:
+    """Wait for the server's fold to take in every delta (at most a minute), then
+    checkpoint: each measurement starts with no background work left by the one before."""
+    conn = await asyncpg.connect(url)
+    try:
+        for _ in range(600):
+            if not await conn.fetchval("SELECT EXISTS (SELECT FROM usage_deltas)"):
+                break
+            await asyncio.sleep(0.1)
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
 async def http_rate(port: int, key: str, made: list[dict[str, Any]]) -> float:
     bodies = [
         json.dumps({"events": made[i : i + BATCH]}).encode() for i in range(0, len(made), BATCH)
@@ -186,14 +200,22 @@ async def main(argv: list[str] | None = None) -> None:
         await wait_ready(args.port)
         with tempfile.TemporaryDirectory() as tmp:
             for round in range(1, args.rounds + 1):
-                path = write_events(Path(tmp), f"import-{round}", args.events)
-                imported.append(await import_rate(ROOT, args.url, path, args.events))
-                line = f"round {round}: import {imported[-1]:,.0f} events/s"
+                # Alternated within the round as well, so that neither import always
+                # follows the HTTP load's fold.
+                cases: list[tuple[str, Path, list[float]]] = [("import", ROOT, imported)]
                 if args.baseline_root is not None:
-                    path = write_events(Path(tmp), f"base-{round}", args.events)
-                    based.append(await import_rate(args.baseline_root, args.url, path, args.events))
-                    line += f", baseline import {based[-1]:,.0f} events/s"
+                    cases.append(("baseline import", args.baseline_root, based))
+                if round % 2 == 0:
+                    cases.reverse()
+                for name, root, rates in cases:
+                    path = write_events(Path(tmp), f"{name.split()[0]}-{round}", args.events)
+                    await settle(args.url)
+                    rates.append(await import_rate(root, args.url, path, args.events))
+                await settle(args.url)
                 posted.append(await http_rate(args.port, key, events(f"http-{round}", args.events)))
+                line = f"round {round}: import {imported[-1]:,.0f} events/s"
+                if based:
+                    line += f", baseline import {based[-1]:,.0f} events/s"
                 print(f"{line}, HTTP batches {posted[-1]:,.0f} events/s", flush=True)
     finally:
         server.terminate()
