@@ -110,26 +110,58 @@ from usage_api.importer import run_import
 async def main(url, path, count):
     engine = PrimaryEngine(create_engine(get_settings(), url))
     try:
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         summary = await run_import(engine, path, stderr=io.StringIO())
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
     finally:
         await engine.dispose()
     assert summary.accepted == count, summary
-    print(count / elapsed)
+    print(count / elapsed, cpu)
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-async def import_rate(root: Path, url: str, path: Path, count: int) -> float:
-    """Events/s of `usage-api import` from the checkout at `root`."""
+async def import_rate(root: Path, url: str, path: Path, count: int) -> tuple[float, float]:
+    """Events/s of `usage-api import` from the checkout at `root`, and its CPU seconds."""
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(root / "src")}
     command = [sys.executable, "-c", _IMPORT, url, str(path), str(count)]
     done = await asyncio.to_thread(
         subprocess.run, command, env=env, check=True, capture_output=True, text=True
     )
-    return float(done.stdout.split()[-1])
+    rate, cpu = done.stdout.split()[-2:]
+    return float(rate), float(cpu)
+
+
+def _cpu(pid: int) -> tuple[int, float]:
+    """(parent pid, CPU seconds of the process and of its children it has waited for)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = sum(int(value) for value in fields[11:15])
+    return int(fields[1]), ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds used so far by `root` and its children, live or ended."""
+    total = _cpu(root)[1]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent, seconds = _cpu(int(entry.name))
+            except (OSError, ValueError):
+                continue
+            if parent == root:
+                total += seconds
+    return total
+
+
+async def postmaster(url: str) -> int:
+    """The pid of the (local) PostgreSQL server's postmaster: its backends' parent."""
+    conn = await asyncpg.connect(url)
+    try:
+        return _cpu(int(await conn.fetchval("SELECT pg_backend_pid()")))[0]
+    finally:
+        await conn.close()
 
 
 async def settle(url: str) -> None:
@@ -196,6 +228,9 @@ async def main(argv: list[str] | None = None) -> None:
     imported: list[float] = []
     based: list[float] = []
     posted: list[float] = []
+    pg = await postmaster(args.url)
+    # Microseconds of CPU an event, (client or server, PostgreSQL), per case and round.
+    cpu: dict[str, list[tuple[float, float]]] = {"import": [], "baseline": [], "http": []}
     try:
         await wait_ready(args.port)
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,13 +245,26 @@ async def main(argv: list[str] | None = None) -> None:
                 for name, root, rates in cases:
                     path = write_events(Path(tmp), f"{name.split()[0]}-{round}", args.events)
                     await settle(args.url)
-                    rates.append(await import_rate(root, args.url, path, args.events))
+                    before = tree_cpu(pg)
+                    rate, client = await import_rate(root, args.url, path, args.events)
+                    rates.append(rate)
+                    used = (client, tree_cpu(pg) - before)
+                    cpu[name.split()[0]].append(tuple(1e6 * x / args.events for x in used))
                 await settle(args.url)
-                posted.append(await http_rate(args.port, key, events(f"http-{round}", args.events)))
-                line = f"round {round}: import {imported[-1]:,.0f} events/s"
+                before, served = tree_cpu(pg), tree_cpu(server.pid)
+                made = events(f"http-{round}", args.events)
+                posted.append(await http_rate(args.port, key, made))
+                used = (tree_cpu(server.pid) - served, tree_cpu(pg) - before)
+                cpu["http"].append(tuple(1e6 * x / args.events for x in used))
+
+                def us(case: str) -> str:
+                    app, database = cpu[case][-1]
+                    return f" ({app:,.0f} + {database:,.0f} us CPU an event)"
+
+                line = f"round {round}: import {imported[-1]:,.0f} events/s{us('import')}"
                 if based:
-                    line += f", baseline import {based[-1]:,.0f} events/s"
-                print(f"{line}, HTTP batches {posted[-1]:,.0f} events/s", flush=True)
+                    line += f", baseline import {based[-1]:,.0f} events/s{us('baseline')}"
+                print(f"{line}, HTTP batches {posted[-1]:,.0f} events/s{us('http')}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -232,6 +280,14 @@ async def main(argv: list[str] | None = None) -> None:
         f"{line}, HTTP batches ({BATCH} a request, {CLIENTS} clients, 2 workers)"
         f" {http:,.0f} events/s"
     )
+    for case, used in cpu.items():
+        if used:
+            app = statistics.median(u[0] for u in used)
+            database = statistics.median(u[1] for u in used)
+            print(
+                f"median CPU an event, {case}: {app:,.0f} us client/server"
+                f" + {database:,.0f} us PostgreSQL"
+            )
 
 
 def write_events(directory: Path, prefix: str, count: int) -> Path:
