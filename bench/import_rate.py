@@ -9,7 +9,10 @@ to a live `usage-api serve --workers 2` in 1000-event batches from 4 concurrent 
 The bodies are serialized before the clock starts, so the client's own JSON work is not
 counted against the server. With `--baseline-root` (a checkout of another commit, e.g. a
 worktree of main), each round also imports a file of as many new events with that
-checkout's importer, in the same database. Prints each round and the medians.
+checkout's importer, in the same database. Before each measurement the server's fold is
+left to drain and PostgreSQL checkpoints. Prints each round, with CPU microseconds an event
+(the import process's own, or the server's process tree; and PostgreSQL's, its local
+postmaster's process tree), and the medians.
 """
 
 from __future__ import annotations
