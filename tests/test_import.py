@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner, Result
 
 from tests.support.factories import event, make_key, make_organization, make_user
+from usage_api import importer
 from usage_api.cli import app
 from usage_api.config import get_settings
 
@@ -297,3 +298,79 @@ async def test_a_report_without_skip_invalid_is_a_usage_error(cli: Cli, tmp_path
     result = await cli("import", path, "--report", str(tmp_path / "r.ndjson"))
     assert result.exit_code == 2
     assert "--report goes with --skip-invalid" in result.stderr
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two events a statement, so that a four-event file spans several chunks."""
+    monkeypatch.setattr(importer, "CHUNK", 2)
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_a_bad_line_after_recorded_chunks_rolls_every_chunk_back(
+    cli: Cli, client: httpx.AsyncClient, engine: AsyncEngine, world: World, tmp_path: Path
+) -> None:
+    events = [*world.events(), event("no-such-org", "e9")]
+    result = await cli("import", write(tmp_path, "events.ndjson", ndjson(events)))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "line 5 (event e9): organization_id organization not found; nothing was imported"
+    )
+    assert await stored_events(engine) == 0
+    assert await usage(client, world.key, world.organization_id) == NOTHING
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_the_first_bad_line_of_a_chunk_is_named_whatever_made_it_bad(
+    cli: Cli, engine: AsyncEngine, world: World, tmp_path: Path
+) -> None:
+    events = world.events()
+    events[2]["user_id"] = "no-such-user"
+    del events[3]["seconds"]
+    result = await cli("import", write(tmp_path, "events.ndjson", ndjson(events)))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("line 3 (event e3): user_id user not found;")
+    assert await stored_events(engine) == 0
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_an_id_repeated_in_a_later_chunk_is_a_duplicate_or_a_conflict(
+    cli: Cli, client: httpx.AsyncClient, world: World, tmp_path: Path
+) -> None:
+    events = world.events()
+    changed = dict(events[1], segments=5)
+    content = ndjson([*events, events[0], changed])
+    result = await cli("import", write(tmp_path, "events.ndjson", content))
+    assert summary_of(result) == (4, 1, 1, 0)
+    assert "conflict: e2 is recorded with other content\n" in result.stderr
+    assert await usage(client, world.key, world.organization_id) == EXPECTED
+
+
+@pytest.mark.usefixtures("small_chunks")
+async def test_skip_invalid_over_several_chunks_reports_every_skipped_line(
+    cli: Cli, client: httpx.AsyncClient, world: World, tmp_path: Path
+) -> None:
+    events = world.events()
+    events[2]["organization_id"] = "no-such-org"
+    content = ndjson(events[:3]) + "[]\n" + ndjson(events[3:])
+    report = tmp_path / "skipped.ndjson"
+    path = write(tmp_path, "events.ndjson", content)
+    result = await cli("import", path, "--skip-invalid", "--report", str(report))
+    assert summary_of(result) == (3, 0, 0, 2)
+    assert [json.loads(line) for line in report.read_text().splitlines()] == [
+        {"line": 3, "id": "e3", "field": "organization_id", "error": "organization not found"},
+        {"line": 4, "id": None, "field": "event", "error": "must be an object"},
+    ]
+    assert await usage(client, world.key, world.organization_id) == metrics((2, 0), (0, 1), (30, 0))
+    # A re-run skips the same lines and records nothing twice.
+    result = await cli("import", path, "--skip-invalid", "--report", str(report))
+    assert summary_of(result) == (0, 3, 0, 2)
+
+
+async def test_the_progress_ends_with_the_whole_file_read(
+    cli: Cli, world: World, tmp_path: Path
+) -> None:
+    result = await cli("import", write(tmp_path, "events.ndjson", ndjson(world.events())))
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"importing: 4 events \(100 %\), [0-9,]+ events/s", lines[-2])
+    assert summary_of(result) == (4, 0, 0, 0)

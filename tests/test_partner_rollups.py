@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -18,8 +19,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.support.factories import event, make_key, make_organization, make_partner, make_user
-from tests.test_series import metrics_json, post_events
+from tests.test_series import HTTP_ZONES, edge_instants, metrics_json, post_events
 from usage_api.analytics import rollup
+from usage_api.analytics.calendar import GRANULARITIES, Calendar
 from usage_api.db import PrimaryEngine, async_url, transact
 from usage_api.migrations import alembic_config
 
@@ -368,3 +370,112 @@ async def test_the_migration_starts_partner_and_monthly_rows_from_the_history_th
         assert days == expected[0] + expected[5]
     finally:
         await fresh.dispose()
+
+
+# Long enough for many buckets, short enough for at most 1000.
+SERIES_SPAN = {"hour": 40 * 86400, "day": 300 * 86400, "week": 300 * 86400, "month": 300 * 86400}
+
+
+async def check_partner_series(
+    client: httpx.AsyncClient,
+    key: str,
+    rng: random.Random,
+    partner_id: str,
+    sent: list[Sent],
+    asked: int,
+) -> None:
+    """`asked` random series of the partner (random zone, granularity and range, in local
+    dates or to the microsecond in UTC), each bucket against the sum of the events sent;
+    the totals are the answer without `granularity`."""
+    lo = datetime(2026, 1, 15, tzinfo=UTC)
+    for _ in range(asked):
+        zone_name, granularity = rng.choice(HTTP_ZONES), rng.choice(GRANULARITIES)
+        start = lo + timedelta(microseconds=rng.randrange(int(300 * 86400e6)))
+        end = start + timedelta(seconds=rng.uniform(3600, SERIES_SPAN[granularity]))
+        if rng.random() < 0.5:
+            params = {"start_date": stamp(start), "end_date": stamp(end)}
+        else:
+            params = {"start_date": start.date().isoformat(), "end_date": end.date().isoformat()}
+        params |= {"partner_id": partner_id, "timezone": zone_name}
+        where = f"{params} {granularity}"
+        total = (await get(client, key, "/v1/analytics/usage", **params))["usage"]
+        series = (await get(client, key, "/v1/analytics/usage", granularity=granularity, **params))[
+            "usage"
+        ]
+        assert {k: v for k, v in series.items() if k not in ("granularity", "buckets")} == total
+        range_start = datetime.fromisoformat(total["start_date"])
+        range_end = datetime.fromisoformat(total["end_date"])
+        range_end += timedelta(seconds=1) if "." not in total["end_date"] else US
+        buckets = series["buckets"]
+        starts = [datetime.fromisoformat(b["start"]) for b in buckets]
+        ends = [datetime.fromisoformat(b["end"]) for b in buckets]
+        calendar = Calendar(ZoneInfo(zone_name), granularity)
+        assert list(zip(starts, ends, strict=True)) == calendar.buckets(range_start, range_end)
+        assert [b["start"] for b in buckets] == [calendar.label(a) for a in starts], where
+        for bucket, a, b in zip(buckets, starts, ends, strict=True):
+            assert head(bucket) == metrics_json(sums(sent, a, b)), where
+        assert head(total) == metrics_json(sums(sent, range_start, range_end)), where
+
+
+async def test_partner_series_equal_the_log_unfolded_half_folded_folded_and_after_a_move(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    rng = random.Random(13)
+    partner_id, other = await make_partner(engine, "Agency"), await make_partner(engine, "Other")
+    members: dict[str, list[str]] = {}
+    for name in ("Alpha", "Beta", "Gamma"):
+        organization_id = await make_organization(engine, name, partner_id)
+        members[organization_id] = [await make_user(engine, organization_id, f"{name} user")]
+    elsewhere = await make_organization(engine, "Elsewhere", other)
+    key = await make_key(engine, "admin", write=True)
+    # Random instants, and every local midnight and hour start around the zones' changes
+    # of offset (and a microsecond before each).
+    sent = [
+        Sent(
+            rng.choice(list(members)),
+            None,
+            at,
+            rng.randrange(6),
+            rng.randint(1, 40),
+        )
+        for at in [
+            *edge_instants(),
+            *(
+                datetime(2026, 1, 15, tzinfo=UTC) + timedelta(days=rng.uniform(0, 310))
+                for _ in range(300)
+            ),
+        ]
+    ]
+    sent = [
+        Sent(
+            s.organization_id,
+            rng.choice([None, *members[s.organization_id]]),
+            s.at,
+            s.kind,
+            s.quantity,
+        )
+        for s in sent
+    ]
+    rng.shuffle(sent)
+    half = len(sent) // 2
+    outside = [Sent(elsewhere, None, s.at, s.kind, 1000) for s in sent[:40]]
+
+    await post_events(client, key, [s.body() for s in [*sent[:half], *outside]])
+    await check_partner_series(client, key, rng, partner_id, sent[:half], 8)  # all deltas
+    assert await transact(PrimaryEngine(engine), rollup.fold, 40) == 40
+    await check_partner_series(client, key, rng, partner_id, sent[:half], 8)  # part folded
+    await rollup.fold_all(engine)
+    await post_events(client, key, [s.body() for s in sent[half:]])
+    await check_partner_series(client, key, rng, partner_id, sent, 8)  # folded and deltas
+
+    # An organization moves with folded history and unfolded deltas.
+    mover = next(iter(members))
+    await move(client, key, mover, other)
+    stays = [s for s in sent if s.organization_id != mover]
+    joined = [s for s in sent if s.organization_id == mover] + outside
+    await check_partner_series(client, key, rng, partner_id, stays, 6)
+    await check_partner_series(client, key, rng, other, joined, 6)
+    await rollup.fold_all(engine)
+    await assert_rollups_agree(engine)
+    await check_partner_series(client, key, rng, partner_id, stays, 6)
+    await check_partner_series(client, key, rng, other, joined, 6)

@@ -4,22 +4,26 @@ Every event goes through `ingest.parse_events` (the API's validation), the API's
 check and `ingest.ingest` in `transact`, as an admin: the operator running the command.
 So a re-run records nothing twice, and an id stored with other content is a conflict.
 
-The file is read twice, a chunk at a time (bounded memory): the first pass validates every
-line, the events' organizations and users included, and writes nothing; the second records
-the events, a transaction per chunk. A bad line therefore stops the import before anything
-is written. Standard input is copied to a temporary file first, so that it can be read twice.
+The file is read once, a chunk at a time (bounded memory), and the whole import is ONE
+transaction: each chunk is validated (its organizations and users included) and recorded
+in it, and it commits after the last line. A bad line therefore rolls back everything
+before it: nothing is half-written. While PostgreSQL records a chunk, a thread reads and
+validates the next one, so that Python's work and the database's overlap. Standard input
+is copied to a temporary file first, so that the progress can show a share and an ETA.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import io
 import json
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -29,17 +33,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from usage_api.auth import Principal
 from usage_api.db import PrimaryEngine, run_autocommit, transact
 from usage_api.errors import ApiError
-from usage_api.ingest import MAX_EVENTS, IngestResult, _check_targets, ingest, parse_events
+from usage_api.ingest import MAX_EVENTS, IngestResult, ingest, parse_events
 from usage_api.migrations import check_current
 from usage_api.schemas import UsageEventIn
 
 Format = Literal["ndjson", "csv"]
 
-# Events per transaction of the second pass: large enough that a round trip and a commit
-# are a small share of the work, small enough to keep memory and lock time modest.
+# Events per statement: large enough that a round trip is a small share of the work, small
+# enough to keep memory modest (at most two chunks are in memory: one being recorded, the
+# next being validated).
 CHUNK = 5000
-# Chunks written at once: measured on 2 cores, 4 kept PostgreSQL busy (bench/NOTES.md).
-WRITERS = 4
 OPERATOR = Principal("cli-import", "admin", None, None, can_write=True)
 CSV_COLUMNS = tuple(UsageEventIn.model_fields)
 _INTEGER_COLUMNS = ("segments", "seconds")
@@ -87,6 +90,8 @@ class _Chunk:
     events: list[UsageEventIn] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # Bytes of the file read when the chunk was complete: the progress's share.
+    position: int = 0
 
 
 def format_of(source: str, given: str | None) -> Format:
@@ -146,9 +151,9 @@ def _csv_items(stream: TextIO) -> Iterator[tuple[int, Any]]:
         )
 
 
-def _validated(items: list[tuple[int, Any]]) -> _Chunk:
+def _validated(items: list[tuple[int, Any]], position: int) -> _Chunk:
     """A chunk through `parse_events`, a batch of at most MAX_EVENTS at a time."""
-    chunk = _Chunk()
+    chunk = _Chunk(position=position)
     for start in range(0, len(items), MAX_EVENTS):
         batch = items[start : start + MAX_EVENTS]
         good = [(n, raw) for n, raw in batch if not isinstance(raw, Problem)]
@@ -176,50 +181,42 @@ def _problem(number: int, raw: Any, detail: dict[str, Any]) -> Problem:
     )
 
 
-async def _without_unknown_targets(conn: AsyncConnection, chunk: _Chunk) -> None:
-    """Move the events whose organization or user does not exist to the problems."""
-    if not chunk.events:
-        return
-    try:
-        await _check_targets(conn, OPERATOR, chunk.events)
-    except ApiError as exc:
-        bad = {detail["index"]: detail for detail in exc.details or []}
-        for index, detail in bad.items():
-            event = chunk.events[index]
-            chunk.problems.append(
-                Problem(chunk.lines[index], event.id, detail["field"], detail["error"])
-            )
-        kept = [i for i in range(len(chunk.events)) if i not in bad]
-        chunk.events = [chunk.events[i] for i in kept]
-        chunk.lines = [chunk.lines[i] for i in kept]
-    chunk.problems.sort(key=lambda problem: problem.line)
+def _refused(chunk: _Chunk, details: list[dict[str, Any]]) -> None:
+    """Move the events that `details` (a 400's, by index into the events) name to the
+    problems."""
+    bad = {detail["index"]: detail for detail in details}
+    for index, detail in bad.items():
+        event = chunk.events[index]
+        chunk.problems.append(
+            Problem(chunk.lines[index], event.id, detail["field"], detail["error"])
+        )
+    kept = [i for i in range(len(chunk.events)) if i not in bad]
+    chunk.events = [chunk.events[i] for i in kept]
+    chunk.lines = [chunk.lines[i] for i in kept]
 
 
 class _Progress:
-    """Events done, events/s and, once the total is known, the ETA, on stderr."""
+    """Events done, events/s, the share of the file read and the ETA, on stderr."""
 
-    def __init__(self, stream: TextIO, label: str, total: int | None) -> None:
+    def __init__(self, stream: TextIO, label: str, size: int) -> None:
         self.stream = stream
         self.label = label
-        self.total = total
+        self.size = size
         self.terminal = stream.isatty()
         self.started = self.shown = time.monotonic()
 
-    def update(self, done: int, *, final: bool = False) -> None:
+    def update(self, done: int, position: int, *, final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self.shown < (_TERMINAL_EVERY if self.terminal else _PLAIN_EVERY):
             return
         self.shown = now
         elapsed = max(now - self.started, 1e-9)
         rate = done / elapsed
-        text = f"{self.label}: {done:,}"
-        if self.total:
-            text += f" / {self.total:,} events ({100 * done / self.total:.0f} %)"
-        else:
-            text += " events"
-        text += f", {rate:,.0f} events/s"
-        if self.total and rate > 0 and not final:
-            text += f", ETA {(self.total - done) / rate:,.0f} s"
+        text = f"{self.label}: {done:,} events"
+        share = min(position / self.size, 1.0) if self.size else 1.0
+        text += f" ({100 * share:.0f} %), {rate:,.0f} events/s"
+        if 0 < share < 1 and not final:
+            text += f", ETA {elapsed * (1 - share) / share:,.0f} s"
         if self.terminal:
             self.stream.write(f"\r\x1b[K{text}" + ("\n" if final else ""))
         elif final or done:
@@ -250,7 +247,7 @@ class _Report:
 
 
 class _Source:
-    """The file, or standard input spooled to a temporary file: it is read twice."""
+    """The file, or standard input spooled to a temporary file (so that its size is known)."""
 
     def __init__(self, source: str, stdin: TextIO) -> None:
         self.temporary: Path | None = None
@@ -265,20 +262,27 @@ class _Source:
             if not self.path.is_file():
                 raise ImportFailed(f"no such file: {source}")
 
-    def chunks(self, format: Format) -> Iterator[list[tuple[int, Any]]]:
-        with self.path.open(encoding="utf-8", newline="" if format == "csv" else None) as stream:
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def chunks(self, format: Format) -> Generator[_Chunk]:
+        """The file's lines, CHUNK at a time, validated (not yet against the database)."""
+        with self.path.open("rb") as raw:
+            stream = io.TextIOWrapper(
+                raw, encoding="utf-8", newline="" if format == "csv" else None
+            )
             items = _csv_items(stream) if format == "csv" else _ndjson_items(stream)
             chunk: list[tuple[int, Any]] = []
             try:
                 for item in items:
                     chunk.append(item)
                     if len(chunk) == CHUNK:
-                        yield chunk
+                        yield _validated(chunk, raw.tell())
                         chunk = []
             except UnicodeDecodeError as exc:
                 raise ImportFailed(f"the file is not UTF-8 text: {exc}") from None
             if chunk:
-                yield chunk
+                yield _validated(chunk, raw.tell())
 
     def close(self) -> None:
         if self.temporary is not None:
@@ -305,108 +309,87 @@ async def run_import(
 ) -> Summary:
     """Import `source` (a path, or `-` for standard input); the summary of what happened.
 
-    Raises ImportFailed at the first bad line unless `skip_invalid`."""
+    Raises ImportFailed at the first bad line unless `skip_invalid`; then nothing is
+    recorded."""
     started = time.monotonic()
     # Resolved now, not as defaults: a test runner swaps the standard streams per command.
     stderr = stderr if stderr is not None else sys.stderr
     kind = format_of(source, format)
     origin = _Source(source, stdin if stdin is not None else sys.stdin)
-    summary = Summary()
     try:
         await run_autocommit(engine, check_current)
-        total = await run_autocommit(
-            engine, _check_all, origin, kind, skip_invalid, _Report(report), stderr
-        )
-        summary.skipped = total[1]
-        progress = _Progress(stderr, "importing", total[0])
-        await _write_all(engine, origin, kind, summary, progress, stderr)
+        summary = await transact(engine, _import_all, origin, kind, skip_invalid, report, stderr)
     finally:
         origin.close()
     summary.elapsed = max(time.monotonic() - started, 1e-9)
     return summary
 
 
-async def _record(conn: AsyncConnection, chunk: _Chunk, skipping: bool) -> IngestResult:
-    """Record a chunk; with lines skipped, first leave out again the events whose
-    organization or user the first pass did not find (already in the report)."""
-    if skipping:
-        await _without_unknown_targets(conn, chunk)
-    return await ingest(conn, OPERATOR, chunk.events) if chunk.events else IngestResult()
-
-
-async def _write_all(
-    engine: PrimaryEngine,
-    origin: _Source,
-    kind: Format,
-    summary: Summary,
-    progress: _Progress,
-    stderr: TextIO,
-) -> None:
-    """The second pass: each chunk in a transaction of its own, WRITERS of them at once.
-
-    The time of a chunk is mostly PostgreSQL's, so one writer would leave a core idle; the
-    API's batches are written concurrently as well, and ingestion is built for it (writers
-    only insert, in key order). At most WRITERS + 1 chunks are in memory."""
-    slots = asyncio.Semaphore(WRITERS)
-    done = 0
-
-    async def write(chunk: _Chunk) -> None:
-        nonlocal done
-        try:
-            # Lines the first pass found bad are bad again (validation only gets more
-            # lenient with time); a target deleted since is refused here by `ingest`.
-            result = await transact(engine, _record, chunk, summary.skipped > 0)
-        except ApiError as exc:
-            raise ImportFailed(
-                f"a chunk was refused after the check ({exc.message}): the chunks recorded"
-                f" before it stay ({done} events); a re-run records nothing twice"
-            ) from None
-        finally:
-            slots.release()
-        summary.accepted += result.accepted
-        summary.duplicates += result.duplicates
-        summary.conflicts += len(result.conflicts)
-        for event_id in result.conflicts:
-            stderr.write(f"conflict: {event_id} is recorded with other content\n")
-        done += len(chunk.events)
-        progress.update(done)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            for items in origin.chunks(kind):
-                chunk = _validated(items)
-                if chunk.events:
-                    await slots.acquire()
-                    group.create_task(write(chunk))
-    except ExceptionGroup as failed:
-        # The first writer's failure, as a single writer would have raised it (a refused
-        # chunk, an unreachable database): the others were cancelled because of it.
-        raise failed.exceptions[0] from None
-    progress.update(done, final=True)
-
-
-async def _check_all(
+async def _import_all(
     conn: AsyncConnection,
     origin: _Source,
     kind: Format,
     skip_invalid: bool,
-    report: _Report,
+    report_path: Path | None,
     stderr: TextIO,
-) -> tuple[int, int]:
-    """The first pass: (valid events, skipped lines); writes nothing to the database."""
-    progress = _Progress(stderr, "checking", None)
-    valid = skipped = 0
+) -> Summary:
+    """The whole file in the caller's transaction, a chunk a statement.
+
+    Chunks are read and validated in a thread, one ahead of the one being recorded: while
+    this task waits on PostgreSQL, the thread has the interpreter. (Everything here starts
+    afresh, the report included, if `transact` retries after a deadlock.)"""
+    summary = Summary()
+    progress = _Progress(stderr, "importing", origin.size())
+    report = _Report(report_path)
+    chunks = origin.chunks(kind)
+    done = position = 0
+
+    def following() -> _Chunk | None:
+        return next(chunks, None)
+
+    ahead = asyncio.ensure_future(asyncio.to_thread(following))
     try:
-        for items in origin.chunks(kind):
-            chunk = _validated(items)
-            await _without_unknown_targets(conn, chunk)
-            if chunk.problems and not skip_invalid:
-                raise _stop(chunk.problems[0])
+        while (chunk := await ahead) is not None:
+            ahead = asyncio.ensure_future(asyncio.to_thread(following))
+            result = await _record(conn, chunk, skip_invalid)
             for problem in chunk.problems:
                 report.write(problem)
-            skipped += len({problem.line for problem in chunk.problems})
-            valid += len(chunk.events)
-            progress.update(valid + skipped)
+            summary.skipped += len({problem.line for problem in chunk.problems})
+            summary.accepted += result.accepted
+            summary.duplicates += result.duplicates
+            summary.conflicts += len(result.conflicts)
+            for event_id in result.conflicts:
+                stderr.write(f"conflict: {event_id} is recorded with other content\n")
+            done += len(chunk.events)
+            position = chunk.position
+            progress.update(done, position)
     finally:
+        # The thread cannot be interrupted: let it finish its chunk before the file closes.
+        with contextlib.suppress(Exception):
+            await ahead
+        chunks.close()
         report.close()
-    return valid, skipped
+    progress.update(done, position, final=True)
+    return summary
+
+
+async def _record(conn: AsyncConnection, chunk: _Chunk, skipping: bool) -> IngestResult:
+    """Record a validated chunk in the import's transaction: what was applied.
+
+    `ingest` checks every event's organization and user and writes nothing unless all are
+    found; the events it names join the problems and the rest are recorded. Unless
+    `skipping`, the first problem (in line order, whatever made its line bad) stops the
+    import: what this chunk or an earlier one wrote is then rolled back with the rest."""
+    result = IngestResult()
+    while chunk.events:
+        try:
+            result = await ingest(conn, OPERATOR, chunk.events)
+            break
+        except ApiError as exc:
+            if not exc.details:
+                raise ImportFailed(f"the database refused a chunk: {exc.message}") from None
+            _refused(chunk, exc.details)
+    chunk.problems.sort(key=lambda problem: problem.line)
+    if chunk.problems and not skipping:
+        raise _stop(chunk.problems[0])
+    return result

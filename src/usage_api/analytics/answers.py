@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -131,15 +131,29 @@ _BUCKET = (
 
 def series_answer(request: Request, usage: dict[str, Any], powered_by: str) -> Response:
     """`json_answer` of a series, byte for byte, with the buckets (up to 1000 objects of
-    three objects each) written by one format string each: json.dumps took most of the
-    Python time of a 743-bucket answer."""
+    three objects each) written by one format string each, straight from the series'
+    columns: json.dumps took most of the Python time of a 743-bucket answer."""
     head = {name: value for name, value in usage.items() if name != "buckets"}
-    buckets = ",".join([_BUCKET(b["start"], b["end"], *metric_cells(b)) for b in usage["buckets"]])
+    labels = usage["buckets"].labels
+    buckets = ",".join(
+        [
+            _BUCKET(start, end, so, si, so + si, mo, mi, mo + mi, v, kb, v + kb)
+            for start, end, so, si, mo, mi, v, kb in zip(
+                labels[:-1], labels[1:], *usage["buckets"].columns, strict=True
+            )
+        ]
+    )
     body = (
         f'{{"success":true,"usage":{_json(head)[:-1]},"buckets":[{buckets}]}},'
         f'"powered_by":{_json(powered_by)}}}'
     )
     return conditional(request, Response(body.encode(), media_type="application/json"))
+
+
+def series_csv_rows(usage: dict[str, Any]) -> Iterator[list[Any]]:
+    """A series' CSV rows: start, end and the nine metric cells of each bucket."""
+    for start, end, (so, si, mo, mi, v, kb) in usage["buckets"]:
+        yield [start, end, so, si, so + si, mo, mi, mo + mi, v, kb, v + kb]
 
 
 def csv_answer(request: Request, filename: str, body: bytes) -> Response:

@@ -21,7 +21,7 @@ finest field names (a local day ends at the next local midnight, 23 or 25 hours 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
@@ -121,17 +121,20 @@ def _wall_step(wall: datetime, unit: Granularity, steps: int) -> datetime:
     return wall + steps * size
 
 
-def _following_hour(zone: ZoneInfo, at: datetime) -> datetime:
-    """The next local hour after `at`, or the next change of offset if one comes first."""
-    local = _local(at, zone)
+def _following_hour(zone: ZoneInfo, at: datetime, local: datetime) -> tuple[datetime, datetime]:
+    """The next local hour after `at` (`local` in the zone), or the next change of offset
+    if one comes first; and that instant in the zone. The offset is compared at the next
+    hour itself, which is the next step's `local` too: a change exactly there is found
+    by `_first_change` as that very instant."""
     if local.minute or local.second or local.microsecond:
         next_hour = at - (local - _wall_floor(local, "hour")) + _HOUR
     else:  # on the hour, as every boundary but a range's start or a change of offset
         next_hour = at + _HOUR
-    last = next_hour - _MICROSECOND
-    if _offset(last, zone) != local.utcoffset():
-        return _first_change(zone, at, last)
-    return next_hour
+    next_local = _local(next_hour, zone)
+    if next_local.utcoffset() != local.utcoffset():
+        change = _first_change(zone, at, next_hour)
+        return change, _local(change, zone) if change != next_hour else next_local
+    return next_hour, next_local
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ class Calendar:
 
     def _following(self, at: datetime) -> datetime:
         if self.unit == "hour":
-            return _following_hour(self.zone, at)
+            return _following_hour(self.zone, at, _local(at, self.zone))[0]
         wall = _wall_floor(_local(at, self.zone).replace(tzinfo=None), self.unit)
         wall = _wall_step(wall, self.unit, -1)
         while (boundary := resolve(wall, self.zone)) <= at:
@@ -197,10 +200,10 @@ class Calendar:
         """`following(start)`, then `following` of that, and so on, to MAX_INSTANT."""
         zone = self.zone
         if self.unit == "hour":
-            at = start
+            at, local = start, _local(start, zone)
             try:
                 while at < MAX_INSTANT:
-                    at = _following_hour(zone, at)
+                    at, local = _following_hour(zone, at, local)
                     yield at
             except OverflowError:
                 yield MAX_INSTANT
@@ -208,23 +211,38 @@ class Calendar:
         # Local midnights a day, a week or a month apart are never resolved out of order
         # (no offset changes by more than a day), so the boundaries after `start` are
         # those midnights resolved one after the other, equal ones once: one `resolve`
-        # a bucket, where `following` would search from the unit's floor again.
+        # a bucket, where `following` would search from the unit's floor again. And
+        # `resolve` as arithmetic: the wall time is carried in a UTC datetime and the
+        # zone's offset for it (`fold=0`, as `resolve` reads it) is taken away, which
+        # spares building a datetime in the zone for each bucket.
+        unit = self.unit
+        step = {"day": _DAY, "week": 7 * _DAY}.get(unit)
         try:
-            wall = _wall_floor(_local(start, zone).replace(tzinfo=None), self.unit)
-            wall = _wall_step(wall, self.unit, -1)
+            wall = _wall_floor(_local(start, zone).replace(tzinfo=None), unit)
+            wall = _wall_step(wall, unit, -1).replace(tzinfo=UTC)
             last = start
             while last < MAX_INSTANT:
-                boundary = resolve(wall, zone)
+                offset = zone.utcoffset(wall)
+                assert offset is not None
+                try:
+                    boundary = wall - offset
+                except OverflowError:  # an edge of time, which `resolve` clamps
+                    boundary = resolve(wall.replace(tzinfo=None), zone)
                 if boundary > last:
                     yield boundary
                     last = boundary
-                wall = _wall_step(wall, self.unit, 1)
+                wall = wall + step if step is not None else _wall_step(wall, unit, 1)
         except (OverflowError, ValueError):  # past the last date a datetime holds
             yield MAX_INSTANT
 
     def label(self, at: datetime) -> str:
         """ISO 8601 with the zone's own offset at that instant."""
         return _local(at, self.zone).isoformat()
+
+    def labels(self, instants: Iterable[datetime]) -> list[str]:
+        """`label` of each instant."""
+        zone = self.zone
+        return [at.astimezone(zone).isoformat() for at in instants]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from usage_api.analytics.answers import (
     json_answer,
     metric_cells,
     series_answer,
+    series_csv_rows,
     wants_csv,
 )
 from usage_api.analytics.breakdown import csv_rows, parse_breakdown_query, read_breakdown
@@ -68,7 +69,7 @@ async def get_usage(request: Request) -> Response:
             raise not_found("partner")
         raise not_found(query.kind)
     if query.granularity is not None and wants_csv(request):
-        rows = ([b["start"], b["end"], *metric_cells(b)] for b in usage["buckets"])
+        rows = series_csv_rows(usage)
         filename = file_name("usage", query.user_id or query.organization_id, query.granularity)
         return csv_answer(request, filename, csv_body(["start", "end"], rows))
     if query.granularity is not None:

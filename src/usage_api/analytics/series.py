@@ -20,7 +20,7 @@ depends on the number of buckets, not on how much happened or how long ago.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -29,8 +29,8 @@ from typing import Any, Literal, NamedTuple
 
 from usage_api.analytics.query import UsageQuery
 from usage_api.analytics.totals import (
-    ENTITY_ROWS,
     KINDS,
+    ROLLUP_ROWS,
     entity_json,
     entity_statement,
     period_json,
@@ -187,14 +187,23 @@ def _refine(
     return pieces, raw
 
 
-def plan(bounds: Sequence[datetime], top: Level) -> Plan:
-    """The reads that sum every bucket between consecutive `bounds` exactly."""
-    us = [_us(b) for b in bounds]
+class _Moves(NamedTuple):
+    """A plan in microseconds since the epoch, as the statement takes it: the rows of `top`
+    in `[top_start, top_end)`, each level's spans as four columns (start, end, to,
+    away), and the raw spans as two (start, end)."""
+
+    top_start: int
+    top_end: int
+    spans: dict[Level, tuple[list[int], list[int], list[int], list[int]]]
+    raw: tuple[list[int], list[int]]
+
+
+def _moves(us: Sequence[int], top: Level) -> _Moves:
+    """`plan` in integers: a bucket boundary costs a few additions, no datetime."""
     n = len(us) - 1
-    spans: list[Span] = []
-    raw: list[RawSpan] = []
+    spans: dict[Level, tuple[list[int], list[int], list[int], list[int]]] = {}
+    raw: tuple[list[int], list[int]] = ([], [])
     memo: dict[Any, _Refined] = {}
-    offsets: dict[int, timedelta] = {}  # a few distinct ones a plan: made once each
     size = _SIZE_US[top]
     for first in sorted({at // size * size for at in us if at % size}):
         # Buckets as PostgreSQL's width_bucket: 0 before the first bound, n + 1 from the last.
@@ -203,38 +212,43 @@ def plan(bounds: Sequence[datetime], top: Level) -> Plan:
         counted_in = bisect_right(inside, size // 2)
         known = memo.get((top, inside, counted_in))
         pieces, cut_raw = known or _refine(top, inside, counted_in, memo)
-        row = _at(first)
         for level, lo, hi, to, away in pieces:
-            if lo not in offsets:
-                offsets[lo] = timedelta(microseconds=lo)
-            if hi not in offsets:
-                offsets[hi] = timedelta(microseconds=hi)
             moved_to = base + to if to is not None and 1 <= base + to <= n else 0
             moved_from = base + away if 1 <= base + away <= n else 0
             if moved_to != moved_from:
-                spans.append(
-                    Span(level, row + offsets[lo], row + offsets[hi], moved_to, moved_from)
-                )
-        if cut_raw:
-            raw += [
-                RawSpan(row + timedelta(microseconds=lo), row + timedelta(microseconds=hi))
-                for lo, hi in cut_raw
-            ]
-    top_start = us[0] // size * size
-    top_end = -(-us[-1] // size) * size
-    return Plan(list(bounds), top, _at(top_start), _at(top_end), spans, raw)
+                columns = spans.get(level) or spans.setdefault(level, ([], [], [], []))
+                columns[0].append(first + lo)
+                columns[1].append(first + hi)
+                columns[2].append(moved_to)
+                columns[3].append(moved_from)
+        for lo, hi in cut_raw:
+            raw[0].append(first + lo)
+            raw[1].append(first + hi)
+    return _Moves(us[0] // size * size, -(-us[-1] // size) * size, spans, raw)
+
+
+def plan(bounds: Sequence[datetime], top: Level) -> Plan:
+    """The reads that sum every bucket between consecutive `bounds` exactly."""
+    moves = _moves([_us(b) for b in bounds], top)
+    spans = [
+        Span(level, _at(lo), _at(hi), to, away)
+        for level, columns in moves.spans.items()
+        for lo, hi, to, away in zip(*columns, strict=True)
+    ]
+    raw = [RawSpan(_at(lo), _at(hi)) for lo, hi in zip(*moves.raw, strict=True)]
+    return Plan(list(bounds), top, _at(moves.top_start), _at(moves.top_end), spans, raw)
 
 
 # -- the statement ------------------------------------------------------------------------
 # Until quarter-hour roll-ups exist, a quarter-hour is read from the log (which holds every
 # event, folded or not). Hour and day values are roll-ups plus their unfolded deltas.
-# Placeholders as in `totals`: {events} and {rollups} select the entity's rows.
+# Placeholders as in `totals.ROLLUP_ROWS`: a partner's hours and days are its own rows.
 
 _TOP = {
     "day": f"""
     SELECT width_bucket((CAST(day AS timestamp) AT TIME ZONE 'UTC') + interval '12 hours',
                         CAST(:bounds AS timestamptz[])) AS bucket, {METRIC_COLUMNS}
-    FROM usage_daily WHERE {{rollups}} AND day >= :top_first_day AND day < :top_end_day
+    FROM {{daily}} WHERE {{rollups}} AND day >= :top_first_day AND day < :top_end_day
     UNION ALL
     SELECT width_bucket(date_trunc('day', hour_at, 'UTC') + interval '12 hours',
                         CAST(:bounds AS timestamptz[])), {METRIC_COLUMNS}
@@ -242,7 +256,7 @@ _TOP = {
     "hour": f"""
     SELECT width_bucket(hour_at + interval '30 minutes', CAST(:bounds AS timestamptz[]))
         AS bucket, {METRIC_COLUMNS}
-    FROM usage_hourly WHERE {{rollups}} AND hour_at >= :top_start AND hour_at < :top_end
+    FROM {{hourly}} WHERE {{rollups}} AND hour_at >= :top_start AND hour_at < :top_end
     UNION ALL
     SELECT width_bucket(hour_at + interval '30 minutes', CAST(:bounds AS timestamptz[])),
         {METRIC_COLUMNS}
@@ -255,17 +269,30 @@ _TOP = {
 }
 
 _SIGNED = ", ".join(f"t.sign * r.{m}" for m in METRICS)
+
+
+def _instant(us: str) -> str:
+    """Microseconds since the epoch as a timestamptz, exactly (a float8 factor holds the
+    whole seconds of any instant and the microseconds apart)."""
+    return (
+        f"(timestamptz 'epoch' + ({us} / 1000000) * interval '1 second'"
+        f" + ({us} % 1000000) * interval '1 microsecond')"
+    )
+
+
+# Spans come as microseconds: asyncpg encodes a bigint in a fraction of a datetime's time.
 _SPANS = f"""
     SELECT t.bucket, {_SIGNED}
-    FROM unnest(CAST(:{{level}}_start AS timestamptz[]), CAST(:{{level}}_end AS timestamptz[]),
-                CAST(:{{level}}_to AS int[]), CAST(:{{level}}_away AS int[]))
-        AS s(lo, hi, to_bucket, away_bucket)
+    FROM (SELECT {_instant("lo")} AS lo, {_instant("hi")} AS hi, to_bucket, away_bucket
+          FROM unnest(CAST(:{{level}}_start AS bigint[]), CAST(:{{level}}_end AS bigint[]),
+                      CAST(:{{level}}_to AS int[]), CAST(:{{level}}_away AS int[]))
+              AS u(lo, hi, to_bucket, away_bucket)) s
     CROSS JOIN LATERAL ({{rows}}) r
     CROSS JOIN LATERAL (VALUES (s.to_bucket, 1), (s.away_bucket, -1)) t(bucket, sign)
     WHERE t.bucket > 0"""
 _HOUR_ROWS = f"""
     SELECT {METRIC_SUMS} FROM (
-        SELECT {METRIC_COLUMNS} FROM usage_hourly
+        SELECT {METRIC_COLUMNS} FROM {{hourly}}
         WHERE {{rollups}} AND hour_at >= s.lo AND hour_at < s.hi
         UNION ALL
         SELECT {METRIC_COLUMNS} FROM usage_deltas
@@ -274,8 +301,9 @@ _QUARTER_ROWS = f"""
     SELECT {EVENT_SUMS} FROM usage_events
     WHERE {{events}} AND occurred_at >= s.lo AND occurred_at < s.hi"""
 _RAW = f"""
-    SELECT r.* FROM unnest(CAST(:raw_start AS timestamptz[]), CAST(:raw_end AS timestamptz[]))
-        AS s(lo, hi)
+    SELECT r.* FROM (
+        SELECT {_instant("lo")} AS lo, {_instant("hi")} AS hi
+        FROM unnest(CAST(:raw_start AS bigint[]), CAST(:raw_end AS bigint[])) AS u(lo, hi)) s
     CROSS JOIN LATERAL (
         SELECT width_bucket(occurred_at, CAST(:bounds AS timestamptz[])) AS bucket, {EVENT_SUMS}
         FROM usage_events WHERE {{events}} AND occurred_at >= s.lo AND occurred_at < s.hi
@@ -300,37 +328,62 @@ def _statement(kind: str, top: Level, reads: frozenset[str]) -> Statement:
         parts.append(_SPANS.format(level="quarter", rows=_QUARTER_ROWS))
     if "raw" in reads:
         parts.append(_RAW)
-    events, rollups = ENTITY_ROWS[kind]
-    union = "\n    UNION ALL".join(
-        f"({part.format(events=events, rollups=rollups)})" for part in parts
-    )
+    union = "\n    UNION ALL".join(f"({part.format(**ROLLUP_ROWS[kind])})" for part in parts)
     return compile_named(entity_statement(kind, _SERIES).replace("{parts}", union))
 
 
-def _params(p: Plan) -> tuple[frozenset[str], dict[str, Any]]:
+def _params(bounds: list[datetime], moves: _Moves) -> tuple[frozenset[str], dict[str, Any]]:
     """What the plan reads besides its top level, and the statement's parameters."""
+    top_start, top_end = _at(moves.top_start), _at(moves.top_end)
     params: dict[str, Any] = {
-        "bounds": p.bounds,
-        "buckets": len(p.bounds) - 1,
-        "top_start": p.top_start,
-        "top_end": p.top_end,
-        "top_first_day": p.top_start.date(),
-        "top_end_day": p.top_end.date(),
+        "bounds": bounds,
+        "buckets": len(bounds) - 1,
+        "top_start": top_start,
+        "top_end": top_end,
+        "top_first_day": top_start.date(),
+        "top_end_day": top_end.date(),
     }
     reads = set()
-    if p.raw:
+    if moves.raw[0]:
         reads.add("raw")
-        params["raw_start"] = [r.start for r in p.raw]
-        params["raw_end"] = [r.end for r in p.raw]
-    for level in ("hour", "quarter"):
-        spans = [s for s in p.spans if s.level == level]
-        if spans:
-            reads.add(level)
-            params[f"{level}_start"] = [s.start for s in spans]
-            params[f"{level}_end"] = [s.end for s in spans]
-            params[f"{level}_to"] = [s.to for s in spans]
-            params[f"{level}_away"] = [s.away for s in spans]
+        params["raw_start"], params["raw_end"] = moves.raw
+    for level, columns in moves.spans.items():
+        reads.add(level)
+        start, end, to, away = columns
+        params |= {f"{level}_start": start, f"{level}_end": end}
+        params |= {f"{level}_to": to, f"{level}_away": away}
     return frozenset(reads), params
+
+
+@dataclass(frozen=True)
+class SeriesBuckets:
+    """A series' buckets as columns: bucket i runs from `labels[i]` to `labels[i + 1]`
+    and holds `columns[m][i]` of each metric m (in `METRICS` order). Columns, not an
+    object per bucket: up to 1000 buckets of three nested objects each took more of a
+    request's CPU than its statement (bench/NOTES.md, "Series speed")."""
+
+    labels: list[str]
+    columns: list[list[int]]
+
+    def __iter__(self) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+        """Each bucket: its start, its end and its six sums."""
+        labels = self.labels
+        return zip(labels[:-1], labels[1:], zip(*self.columns, strict=True), strict=True)
+
+
+def _columns(row: Any, n: int) -> list[list[int]]:
+    """The six columns of `n` buckets from the statement's arrays, which leave out the
+    buckets with nothing in them."""
+    present = row["buckets"] or []
+    if len(present) == n:
+        return [row[m] for m in METRICS]
+    columns = []
+    for m in METRICS:
+        column = [0] * n
+        for b, value in zip(present, row[m] or [], strict=True):
+            column[b - 1] = value
+        columns.append(column)
+    return columns
 
 
 async def read_series(
@@ -342,9 +395,10 @@ async def read_series(
     kind = query.kind
     bounds = list(query.bounds)
     top = top_level(bounds, query.granularity == "hour")
+    us = [_us(b) for b in bounds]
     # Quarter-hours come from the log for now: as the top level they cover the range whole.
-    p = plan(bounds, top) if top != "quarter" else Plan(bounds, top, bounds[0], bounds[-1])
-    reads_more, params = _params(p)
+    moves = _moves(us, top) if top != "quarter" else _Moves(us[0], us[-1], {}, ([], []))
+    reads_more, params = _params(bounds, moves)
     params |= {
         "key_hash": key_hash,
         "organization_id": query.organization_id,
@@ -358,23 +412,13 @@ async def read_series(
     if row["id"] is None:
         return row["key_id"], None
 
-    # Buckets with nothing in them are not in the arrays.
     n = len(bounds) - 1
-    sums: list[Sequence[int]] = [(0,) * len(METRICS)] * n
-    columns = [row[m] for m in METRICS]
-    for i, b in enumerate(row["buckets"] or ()):
-        sums[b - 1] = [column[i] for column in columns]
-    totals = [sum(values) for values in zip(*sums, strict=True)]
-    calendar = query.calendar
-    labels = [calendar.label(b) for b in bounds]
+    buckets = SeriesBuckets(query.calendar.labels(bounds), _columns(row, n))
     usage = entity_json(kind, row)
-    usage.update(sums_json(totals))
+    usage.update(sums_json([sum(column) for column in buckets.columns]))
     usage.update(period_json(query))
     usage["granularity"] = query.granularity
-    usage["buckets"] = [
-        {"start": labels[i], "end": labels[i + 1], **sums_json(values)}
-        for i, values in enumerate(sums)
-    ]
+    usage["buckets"] = buckets
     return row["key_id"], usage
 
 

@@ -120,23 +120,31 @@ KINDS = tuple(_ENTITIES)
 _SUMS = f"SELECT {METRIC_SUMS} FROM ({{parts}}) parts"
 
 
-# A partner's whole hours and days come from its own roll-ups: a row per hour or day,
-# where its organizations' would be one per organization per hour or day (measured in
+# The placeholders of a range's parts (and a series'): {events} selects the entity's log
+# rows and deltas, {rollups} its rows of the {hourly} and {daily} roll-ups. A partner's
+# whole hours and days come from its own roll-ups: a row per hour or day, where its
+# organizations' would be one per organization per hour or day (measured in
 # bench/NOTES.md, "Breakdown and partner speed"). Its edges and deltas are its
 # organizations' of now, as for every other kind.
-PARTNER_ROLLUPS = "partner_id = p.id"
+ROLLUP_ROWS = {
+    kind: {
+        "events": events,
+        "rollups": rollups,
+        "hourly": "usage_hourly",
+        "daily": "usage_daily",
+    }
+    for kind, (events, rollups) in ENTITY_ROWS.items()
+}
+ROLLUP_ROWS["partner"] |= {
+    "rollups": "partner_id = p.id",
+    "hourly": "partner_hourly",
+    "daily": "partner_daily",
+}
 
 
 def range_parts(kind: str) -> str:
     """The parts of a range's sums for `kind`, as in `_RANGE_PARTS`."""
-    events, rollups = ENTITY_ROWS[kind]
-    if kind == "partner":
-        return _RANGE_PARTS.format(
-            events=events, rollups=PARTNER_ROLLUPS, hourly="partner_hourly", daily="partner_daily"
-        )
-    return _RANGE_PARTS.format(
-        events=events, rollups=rollups, hourly="usage_hourly", daily="usage_daily"
-    )
+    return _RANGE_PARTS.format(**ROLLUP_ROWS[kind])
 
 
 def _statement(kind: str, ranged: bool) -> Statement:

@@ -99,12 +99,8 @@ async def series(
     if usage is None:
         return None
     buckets = [
-        Bucket(
-            datetime.fromisoformat(bucket["start"]),
-            datetime.fromisoformat(bucket["end"]),
-            metrics_of(bucket),
-        )
-        for bucket in usage["buckets"]
+        Bucket(datetime.fromisoformat(start), datetime.fromisoformat(end), sums)
+        for start, end, sums in usage["buckets"]
     ]
     return metrics_of(usage), buckets
 
