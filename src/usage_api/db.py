@@ -239,32 +239,29 @@ async def fetch_row(engine: AsyncEngine, statement: str, *args: Any) -> Any:
     but the statement skips SQLAlchemy's execution (a greenlet switch, the cursor and
     result layers: about 0.3 ms a statement); asyncpg prepares it once per connection.
     """
+    return await _on_driver(engine, "fetchrow", statement, args)
+
+
+async def fetch_rows(engine: AsyncEngine, statement: str, *args: Any) -> list[Any]:
+    """`fetch_row`, for every row of the statement's answer."""
+    rows: list[Any] = await _on_driver(engine, "fetch", statement, args)
+    return rows
+
+
+async def _on_driver(engine: AsyncEngine, method: str, statement: str, args: Any) -> Any:
+    """asyncpg's Connection.<method>(statement, *args) on a connection of the pool."""
     with _unavailable_as_503():
         pooled = await engine.raw_connection()
         driver: Any = pooled.driver_connection  # asyncpg's Connection
         try:
-            row = await driver.fetchrow(statement, *args)
+            result = await getattr(driver, method)(statement, *args)
         except BaseException as exc:
             # Whatever went wrong (a timeout, a cancelled request), the connection may
             # still be busy with the statement: close it rather than hand it to the next.
             pooled.invalidate(exc if isinstance(exc, Exception) else None)
             raise
         pooled.close()
-        return row
-
-
-async def fetch_rows(engine: AsyncEngine, statement: str, *args: Any) -> list[Any]:
-    """`fetch_row`, for every row of the statement's answer."""
-    with _unavailable_as_503():
-        pooled = await engine.raw_connection()
-        driver: Any = pooled.driver_connection
-        try:
-            rows: list[Any] = await driver.fetch(statement, *args)
-        except BaseException as exc:
-            pooled.invalidate(exc if isinstance(exc, Exception) else None)
-            raise
-        pooled.close()
-        return rows
+        return result
 
 
 async def write_row(engine: PrimaryEngine, statement: str, *args: Any) -> Any:
