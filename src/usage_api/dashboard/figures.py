@@ -15,7 +15,7 @@ from typing import Any
 from usage_api.analytics.breakdown import MAX_LIMIT, parse_breakdown_query, read_breakdown
 from usage_api.analytics.query import parse_usage_query
 from usage_api.analytics.series import read_series
-from usage_api.analytics.totals import metrics_of
+from usage_api.analytics.totals import metrics_of, sums_json
 from usage_api.dashboard.filters import FilterError, Filters
 from usage_api.dashboard.tenants import Member, Tenant
 from usage_api.errors import ApiError
@@ -40,16 +40,6 @@ def _in_words(exc: ApiError) -> Exception:
     return exc
 
 
-def metrics(values: tuple[int, ...]) -> dict[str, Any]:
-    """A usage object's three metric objects from `METRICS`-ordered values."""
-    sms_out, sms_in, mms_out, mms_in, voice, voice_kb = values
-    return {
-        "sms": {"outbound": sms_out, "inbound": sms_in, "total": sms_out + sms_in},
-        "mms": {"outbound": mms_out, "inbound": mms_in, "total": mms_out + mms_in},
-        "voice": {"seconds": voice, "kb_seconds": voice_kb, "total_seconds": voice + voice_kb},
-    }
-
-
 def _question(tenant: Tenant, filters: Filters) -> dict[str, str]:
     """The view's question in the API's parameters: its id, local dates and zone."""
     return {
@@ -68,7 +58,7 @@ class Bucket:
 
     @property
     def usage(self) -> dict[str, Any]:
-        return metrics(self.values)
+        return sums_json(self.values)
 
 
 @dataclass(frozen=True)
@@ -78,7 +68,7 @@ class Row:
 
     @property
     def usage(self) -> dict[str, Any]:
-        return metrics(self.values)
+        return sums_json(self.values)
 
 
 async def series(

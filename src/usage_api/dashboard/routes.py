@@ -20,6 +20,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import RedirectResponse, Response
 
+from usage_api.analytics.totals import sums_json
 from usage_api.dashboard import charts, export, figures, sessions, tenants
 from usage_api.dashboard.filters import (
     GRANULARITIES,
@@ -353,7 +354,7 @@ async def _render_view(request: Request, session: Session, kind: str, tenant_id:
         filters=filters,
         error=None,
         raw=dict(params),
-        total=figures.metrics(total),
+        total=sums_json(total),
         is_empty=not any(total),
         buckets=buckets,
         bucket_count=len(buckets),
