@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import product
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.support.answers import error, ingest_answer
 from tests.support.factories import event, make_key, make_organization, make_partner, make_user
 from usage_api.dates import utc_now
+from usage_api.schemas import UsageEventIn
 
 URL = "/v1/usage/events"
 ONE_MIB = 1024 * 1024
@@ -809,3 +811,28 @@ async def test_an_accepted_batch_is_in_the_very_next_read(
             },
             "powered_by": "Teli",
         }
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize("kind", ["sms", "mms", "voice"])
+def test_the_fast_type_check_agrees_with_the_errors_it_stands_in_for(kind: str) -> None:
+    """Batches ask `fits_its_type` of every event and build `quantity_errors` only when it
+    says no: the two must agree on every way the quantities can be given."""
+    values = {"segments": (_ABSENT, None, 2), "seconds": (_ABSENT, None, 30)}
+    values["knowledge_base"] = (_ABSENT, None, True, False)
+    disagreements = []
+    for combination in product(*values.values()):
+        body: dict[str, Any] = {
+            "id": "e1",
+            "organization_id": "o1",
+            "type": kind,
+            "direction": "outbound",
+            "occurred_at": "2026-11-01T00:00:00Z",
+        }
+        body |= {k: v for k, v in zip(values, combination, strict=True) if v is not _ABSENT}
+        parsed = UsageEventIn.model_validate(body)
+        if parsed.fits_its_type() != (not parsed.quantity_errors()):
+            disagreements.append(body)
+    assert disagreements == []

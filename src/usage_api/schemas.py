@@ -217,6 +217,19 @@ class UsageEventIn(BaseModel):
         description="ISO 8601 date-time (no offset means UTC), at most 5 minutes in the future."
     )
 
+    def fits_its_type(self) -> bool:
+        """`not self.quantity_errors()`, without building its list."""
+        given = self.model_fields_set
+        if self.type == "voice":
+            return (
+                self.seconds is not None
+                and "segments" not in given
+                and (self.knowledge_base is not None or "knowledge_base" not in given)
+            )
+        return (
+            self.segments is not None and "seconds" not in given and "knowledge_base" not in given
+        )
+
     def quantity_errors(self) -> list[tuple[str, str]]:
         """(field, error) for each field that does not fit the event's type."""
         errors: list[tuple[str, str]] = []
