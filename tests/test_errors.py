@@ -339,6 +339,7 @@ async def test_streamed_body_over_one_mib_is_413(
         headers={"X-API-Key": key, "Content-Type": "application/json"},
     )
     assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
     assert_error(response, 413, "request body too large")
 
 

@@ -9,10 +9,10 @@ response. Which security headers a response gets is one table, `HEADER_POLICIES`
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from fastapi import FastAPI
@@ -150,7 +150,8 @@ def _request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
             if _VALID_REQUEST_ID(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    # 128 random bits (a uuid4 has 122) at a quarter of what uuid4() costs.
+    return os.urandom(16).hex()
 
 
 class HeadAsGet:
@@ -161,17 +162,22 @@ class HeadAsGet:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine of its own: any other request is the next app's call as it is.
         if scope["type"] != "http" or scope["method"] != "HEAD":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._head(scope, receive, send)
 
+    async def _head(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_without_body(message: Message) -> None:
             if message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, send_without_body)
+
+
+_FRAMED_BY_HEADERS = ("1.0", "1.1")
 
 
 class BodySizeLimit:
@@ -181,18 +187,23 @@ class BodySizeLimit:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine of its own where there is nothing to count (as HeadAsGet).
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
+            return self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit():
             if int(length) > self.limit:
-                await self._reject(scope, receive, send)
-            else:
-                # The server reads exactly Content-Length bytes of body: nothing to count.
-                await self.app(scope, receive, send)
-            return
+                return self._reject(scope, receive, send)
+            # The server reads exactly Content-Length bytes of body: nothing to count.
+            return self.app(scope, receive, send)
+        if b"transfer-encoding" not in headers and scope["http_version"] in _FRAMED_BY_HEADERS:
+            # HTTP/1: without either header there is no body (RFC 9112 6.3).
+            return self.app(scope, receive, send)
+        return self._counted(scope, receive, send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
 
         async def limited_receive() -> Message:
