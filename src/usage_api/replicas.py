@@ -244,6 +244,8 @@ class Reads:
 
     async def fetch_row(self, statement: str, *args: Any) -> Any:
         """`db.fetch_row` on a replica that has caught up, else on the primary."""
+        if not self.replicas:  # the common case, without the routing's layers
+            return await fetch_row(self.primary, statement, *args)
 
         async def on_replica(replica: Replica, fence: int, wait_s: float) -> Any:
             pooled = await replica.engine.raw_connection()
@@ -271,6 +273,8 @@ class Reads:
         **kwargs: P.kwargs,
     ) -> T:
         """`db.run_autocommit` on a replica that has caught up, else on the primary."""
+        if not self.replicas:
+            return await run_autocommit(self.primary, work, *args, **kwargs)
 
         async def on_replica(replica: Replica, fence: int, wait_s: float) -> Any:
             async with replica.engine.connect() as conn:
@@ -291,8 +295,7 @@ class Reads:
         on_replica: Callable[[Replica, int, float], Awaitable[Any]],
         on_primary: Callable[[], Awaitable[Any]],
     ) -> Any:
-        if not self.replicas:
-            return await on_primary()
+        """With replicas: the read on one that has caught up, else on the primary."""
         replica = self._pick()
         if replica is None:
             return await self._fall_back("unavailable", on_primary)
