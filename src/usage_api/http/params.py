@@ -16,7 +16,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import Response
-from starlette.routing import request_response
+from starlette.routing import Match, Route, request_response
+from starlette.types import Scope
 
 from usage_api.errors import ApiError, bad_request
 from usage_api.ids import is_valid_id
@@ -60,6 +61,17 @@ class FastRoute(APIRoute):
         ):
             raise TypeError(f"{path}: a FastRoute endpoint takes the Request and nothing else")
         self.app = request_response(self.endpoint)
+
+    # Starlette's own matching and handling: FastAPI's look on every request for the router
+    # inclusion a route was reached through, and ours are put on the app as they are
+    # (`app._add_routes`).
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = Route.matches(self, scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self  # as FastAPI's router expects of its routes
+        return match, child_scope
+
+    handle = Route.handle
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
