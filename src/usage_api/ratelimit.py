@@ -190,10 +190,18 @@ class RateLimiter:
         """Count one request of a key; None when no limit applies to it. Raises the 401
         of an unknown key (revoked and expired ones included), or a 503 when the key
         cannot be looked up."""
-        key = self._keys.get(key_hash)
-        if key is None:
-            key = await self._look_up(key_hash)
-        elif key.expires_at is not None and key.expires_at <= time.time():
+        if key_hash not in self._keys:
+            await self._look_up(key_hash)
+        return self.admit_known(key_hash)
+
+    def knows(self, key_hash: bytes) -> bool:
+        """Whether the key is live as far as this process knows: `admit_known` decides."""
+        return key_hash in self._keys
+
+    def admit_known(self, key_hash: bytes) -> Decision | None:
+        """`admit` of a key this process `knows`, at once (no coroutine for the hot path)."""
+        key = self._keys[key_hash]
+        if key.expires_at is not None and key.expires_at <= time.time():
             self._forget(key_hash)
             raise invalid_key()
         return self._take(key_hash, key)
@@ -213,7 +221,7 @@ class RateLimiter:
         self._pending[key_hash] = pending + 1
         return Decision(True, key.limit, key.limit - used - 1, reset_s)
 
-    async def _look_up(self, key_hash: bytes) -> _Key:
+    async def _look_up(self, key_hash: bytes) -> None:
         found_at = self._unknown.get(key_hash)
         if found_at is not None:
             if time.monotonic() - found_at < UNKNOWN_TTL_S:
@@ -231,10 +239,8 @@ class RateLimiter:
         # Shielded: one request cancelled must not cancel the others' lookup.
         if not await asyncio.shield(waiting):
             raise invalid_key()
-        key = self._keys.get(key_hash)
-        if key is None:  # found, and revoked by a sync since: as unknown
+        if key_hash not in self._keys:  # found, and revoked by a sync since: as unknown
             raise invalid_key()
-        return key
 
     def _know(self, key_hash: bytes, found: _Found, now: float) -> None:
         limit = self.default_limit if found.limit is None else found.limit
@@ -423,8 +429,12 @@ class RateLimitMiddleware:
         if key is None:
             await self.app(scope, receive, send)
             return
+        key_hash, limiter = hash_key(key), self.limiter
         try:
-            decision = await self.limiter.admit(hash_key(key))
+            if limiter.knows(key_hash):
+                decision = limiter.admit_known(key_hash)
+            else:
+                decision = await limiter.admit(key_hash)
         except ApiError as exc:
             _name_route(scope)
             response = errors.error_response(exc.status, exc.message, headers=exc.headers)
