@@ -68,28 +68,33 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     app.add_middleware(RateLimitMiddleware, limiter=services.limiter)
     app.add_middleware(HeadAsGet)
 
-    routers = [analytics.router, ingestion, directory, health.router]
+    # The busiest first: Starlette tries routes in order, each one before a request's own
+    # a regular-expression match it pays for.
+    routers = [ingestion, analytics.router, directory, health.router]
     if settings.docs_enabled:
         routers.append(docs.router)
     routers.append(dashboard)
     if services.telemetry is not None:
         routers.append(health.metrics_router)
-    for router in routers:
-        _add_routes(app, router)
+    _add_routes(app, routers)
     if settings.docs_enabled:
         app.mount(docs.ASSETS, docs.assets())
     return app
 
 
-def _add_routes(app: FastAPI, router: APIRouter) -> None:
-    """Put a router's routes on the app as they are, in order.
+def _add_routes(app: FastAPI, routers: list[APIRouter]) -> None:
+    """Put the routers' routes on the app as they are, in order, ahead of FastAPI's own
+    (`/openapi.json`, which no client calls twice).
 
     `include_router` adds an inclusion that FastAPI resolves on every request, matching the
     path twice: about a fifth of a counter read's Python calls. Our routers have no prefix
     or dependencies of their own, so the routes they made are complete already.
     """
-    assert not router.prefix and not router.dependencies, "an inclusion would be needed"
-    app.router.routes.extend(router.routes)
+    ours = []
+    for router in routers:
+        assert not router.prefix and not router.dependencies, "an inclusion would be needed"
+        ours.extend(router.routes)
+    app.router.routes[:0] = ours
 
 
 @contextlib.asynccontextmanager
