@@ -99,7 +99,8 @@ def _add_routes(app: FastAPI, routers: list[APIRouter]) -> None:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Background work while serving: the rate limit's sync, the fold, replica probes."""
+    """Background work while serving: the rate limit's sync, the fold, replica probes, the
+    pool's gauges."""
     services: Services = app.state.services
     settings, databases, telemetry = services.settings, services.databases, services.telemetry
     reads = databases.read
@@ -114,6 +115,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(services.limiter.run(databases.background)),
         asyncio.create_task(reads.watch()),
     ]
+    if telemetry is not None:
+        tasks.append(asyncio.create_task(telemetry.run()))
     if settings.rollup_interval_ms > 0:
         interval_s = settings.rollup_interval_ms / 1000
         tasks.append(asyncio.create_task(run_folder(databases.background, interval_s)))
