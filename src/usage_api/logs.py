@@ -33,6 +33,13 @@ _ENCODER = json.JSONEncoder(default=str)
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, `extra=` fields, request id."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The lines show neither the thread nor the multiprocessing process name, so no
+        # record needs to look them up (the logging HOWTO's "Optimization"); the pid stays.
+        logging.logThreads = False
+        logging.logMultiprocessing = False
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC)
