@@ -1,6 +1,7 @@
 """The CPU of one request inside the process: instructions (valgrind) and Python calls.
 
-Raw ASGI calls into `create_app`, no server and no network, against the demo data (loaded
+Raw ASGI calls into `create_app` as served (access lines and shared metrics files on),
+no server and no network, against the demo data (loaded
 here by `usage-api demo`): what the service's own code costs a counter read (`--path
 counter`) or a single-event POST (`--path ingest`, a new event each time). The instruction
 count is the difference between a run of 1 and a run of `1 + N` requests after the same
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import cProfile
 import itertools
+import logging.config
 import os
 import pstats
 import subprocess
@@ -86,17 +88,17 @@ async def _requests(url: str, key: str, path: str, count: int, profile: bool) ->
     """`count` requests after the warm-up; the Python calls a request when profiling."""
     from usage_api.app import create_app
     from usage_api.config import get_settings
+    from usage_api.logs import logging_config
 
-    # No metrics files, no fold, and a limit no request reaches: the limiter's admission
-    # and its headers are part of every request, as in service. Its sync is left out (once
-    # an hour): it costs a statement every 100 ms whatever the rate, which under valgrind,
-    # 50 times slower, would be counted against a request 50 times over.
+    # As `usage-api serve --workers 2` runs: JSON access lines (on stderr, which is thrown
+    # away) and metrics in the files workers share (PROMETHEUS_MULTIPROC_DIR, set by
+    # `_run`). No fold, and a limit no request reaches: the limiter's admission and its
+    # headers are part of every request. Its sync is left out (once an hour): it costs a
+    # statement every 100 ms whatever the rate, which under valgrind, 50 times slower,
+    # would be counted against a request 50 times over.
+    logging.config.dictConfig(logging_config("info"))
     settings = replace(
-        get_settings(),
-        metrics_enabled=False,
-        rollup_interval_ms=0,
-        rate_limit=1_000_000_000,
-        rate_limit_sync_ms=3_600_000,
+        get_settings(), rollup_interval_ms=0, rate_limit=1_000_000_000, rate_limit_sync_ms=3_600_000
     )
     app = create_app(settings, url)
     statuses: set[int] = set()
@@ -169,10 +171,11 @@ def _run(
     root: Path, url: str, key: str, path: str, count: int, tool: list[str], *flags: str
 ) -> str:
     command = [*tool, sys.executable, __file__, "--path", path, "--inner", str(count), *flags]
-    env = {**_env(root, url), "KEY": key}
-    return subprocess.run(
-        command, cwd=root, env=env, check=True, capture_output=True, text=True
-    ).stdout
+    with tempfile.TemporaryDirectory() as metrics:
+        env = {**_env(root, url), "KEY": key, "PROMETHEUS_MULTIPROC_DIR": metrics}
+        return subprocess.run(
+            command, cwd=root, env=env, check=True, capture_output=True, text=True
+        ).stdout
 
 
 def _instructions(root: Path, url: str, key: str, path: str, count: int) -> int:
