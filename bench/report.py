@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -327,7 +328,9 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
         c = results["counters"]
         rows = []
         for run_ in c["runs"]:
-            for name in ("api", "floor"):
+            for name in ("api", "baseline", "floor"):
+                if name not in run_:
+                    continue
                 t = run_[name]["total"]
                 rows.append(
                     [
@@ -341,9 +344,8 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
                         *_cpu_per_request(run_[name]),
                         _num(run_[name]["cpu"]["server_s"] / run_[name]["cpu"]["elapsed_s"], 2),
                         _pct(run_[name]["cpu"]["others"]),
-                        _num(run_["api"]["total"]["rps"] / run_["floor"]["total"]["rps"] * 100)
-                        + "%"
-                        if name == "api"
+                        _num(run_[name]["total"]["rps"] / run_["floor"]["total"]["rps"] * 100) + "%"
+                        if name != "floor"
                         else "",
                     ]
                 )
@@ -384,9 +386,28 @@ def render(run: dict[str, Any], results: dict[str, Any], notes: Path | None) -> 
         if every_round:
             parts += [
                 "",
-                f"Each worker count: {len(c['runs'][0]['ratios'])} rounds of both apps,"
+                f"Each worker count: {len(c['runs'][0]['ratios'])} rounds of every app,"
                 " alternating which goes first; the rows above are the round with the median"
                 f" API/floor ratio. Every round's ratio: {every_round}.",
+            ]
+        if any("baseline_ratios" in r for r in c["runs"]):
+            parts += [
+                "",
+                "The baseline (`--baseline-root`) in the same rounds, median over them:",
+                "",
+                table(
+                    ["workers", "API/floor", "baseline/floor", "API req/s", "baseline req/s"],
+                    [
+                        [
+                            str(r["workers"]),
+                            f"{_num(statistics.median(r['ratios']) * 100)}%",
+                            f"{_num(statistics.median(r['baseline_ratios']) * 100)}%",
+                            _num(statistics.median(r["api_rps"]), 0),
+                            _num(statistics.median(r["baseline_rps"]), 0),
+                        ]
+                        for r in c["runs"]
+                    ],
+                ),
             ]
         parts += _statements("API counter reads", c["main"]["api"])
     if "ingestion" in results:

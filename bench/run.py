@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-root",
         type=Path,
         help="also serve the API from this copy of the repository (e.g. a worktree of main):"
-        " the series and ingest scenarios measure it side by side with this one",
+        " the series, counters and ingest scenarios measure it side by side with this one",
     )
     parser.add_argument(
         "--ingest-rounds",
@@ -270,27 +270,44 @@ async def _scenarios(
         counter_runs = []
         worker_counts = sorted({int(w) for w in args.counter_workers.split(",")} | {args.workers})
         rounds = 1 if args.quick else args.counter_rounds
+        # With --baseline-root its API is a third server of every round.
+        names = ["api", "floor"] + (["baseline"] if args.baseline_root is not None else [])
         for workers in worker_counts:
             pairs = []
             for round_ in range(rounds):
-                # Alternated (api, floor, then floor, api, ...): a machine whose speed drifts
-                # favours neither side.
-                order = ("api", "floor") if round_ % 2 == 0 else ("floor", "api")
+                # Each round in another order (api, floor, then floor, api, ...): a machine
+                # whose speed drifts favours no server.
+                shift = round_ % len(names)
+                order = names[shift:] + names[:shift]
+                if round_ % 2 == 1:
+                    order.reverse()
                 pair: dict[str, Any] = {"workers": workers}
                 for name in order:
                     log(f"counter reads: {name}, {workers} workers, round {round_ + 1}/{rounds}")
-                    async with serving(spec(name, workers), logs) as server:
+                    server_spec = spec(name, workers)
+                    if name == "baseline":
+                        server_spec = ServerSpec(
+                            "api", workers, args.pool_size, url, args.baseline_root
+                        )
+                    async with serving(server_spec, logs) as server:
                         pair[name] = await scenarios.counter_reads(
                             ctx,
                             server,
-                            api_paths if name == "api" else floor_paths,
-                            key=name == "api",
+                            floor_paths if name == "floor" else api_paths,
+                            key=name != "floor",
                         )
                 pairs.append(pair)
             ratios = [p["api"]["total"]["rps"] / p["floor"]["total"]["rps"] for p in pairs]
             # The round with the median ratio stands for the worker count; all ratios are kept.
             median = sorted(range(rounds), key=ratios.__getitem__)[rounds // 2]
-            counter_runs.append(pairs[median] | {"ratios": ratios})
+            run_ = pairs[median] | {"ratios": ratios}
+            if args.baseline_root is not None:
+                run_["baseline_ratios"] = [
+                    p["baseline"]["total"]["rps"] / p["floor"]["total"]["rps"] for p in pairs
+                ]
+                run_["api_rps"] = [p["api"]["total"]["rps"] for p in pairs]
+                run_["baseline_rps"] = [p["baseline"]["total"]["rps"] for p in pairs]
+            counter_runs.append(run_)
         results["counters"] = {
             "runs": counter_runs,
             "main": next(r for r in counter_runs if r["workers"] == args.workers),
