@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
 
 def _add_routes(app: FastAPI, routers: list[APIRouter]) -> None:
     """Put the routers' routes on the app as they are, in order, ahead of FastAPI's own
-    (`/openapi.json`, which no client calls twice).
+    (`/openapi.json`, which a client fetches once).
 
     `include_router` adds an inclusion that FastAPI resolves on every request, matching the
     path twice: about a fifth of a counter read's Python calls. Our routers have no prefix
