@@ -153,9 +153,15 @@ class Telemetry:
             gauge.set(value)
 
     def count_events(self, accepted: int, duplicates: int, conflicts: int) -> None:
-        self.accepted.inc(accepted)
-        self.duplicate.inc(duplicates)
-        self.conflicting.inc(conflicts)
+        # Only what moved: with several workers each `inc` is a write to the shared files,
+        # and most batches have neither duplicates nor conflicts.
+        for counter, count in (
+            (self.accepted, accepted),
+            (self.duplicate, duplicates),
+            (self.conflicting, conflicts),
+        ):
+            if count:
+                counter.inc(count)
 
     def render(self) -> bytes:
         if self.multiprocess_dir is None:
