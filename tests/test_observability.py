@@ -380,6 +380,9 @@ async def test_metrics_count_requests_events_and_read_the_pool(
     for _ in range(2):
         await client.get(USAGE, params={"organization_id": organization_id}, headers=headers)
     await client.get(USAGE, params={"organization_id": organization_id})
+    # HEAD is answered as GET, and counted under its own method and the route it reached.
+    head = await client.head(USAGE, params={"organization_id": organization_id}, headers=headers)
+    assert head.status_code == 200
     await client.get("/nope")
     await client.request("BREW", "/healthz")
     first, second = event(organization_id, "e1"), event(organization_id, "e2")
@@ -399,6 +402,7 @@ async def test_metrics_count_requests_events_and_read_the_pool(
         ]
 
     assert requests("GET", USAGE, "200") == 2
+    assert requests("HEAD", USAGE, "200") == 1
     assert requests("GET", USAGE, "401") == 1
     assert requests("GET", "unmatched", "404") == 1
     assert requests("other", "/healthz", "405") == 1

@@ -180,7 +180,13 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, send_without_body)
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, send_without_body)
+        finally:
+            # The route the GET reached names the HEAD in the access line and the metrics.
+            if "route" in as_get:
+                scope["route"] = as_get["route"]
 
 
 _FRAMED_BY_HEADERS = ("1.0", "1.1")
