@@ -284,11 +284,11 @@ async def _scenarios(
                 pair: dict[str, Any] = {"workers": workers}
                 for name in order:
                     log(f"counter reads: {name}, {workers} workers, round {round_ + 1}/{rounds}")
-                    server_spec = spec(name, workers)
-                    if name == "baseline":
-                        server_spec = ServerSpec(
-                            "api", workers, args.pool_size, url, args.baseline_root
-                        )
+                    server_spec = (
+                        ServerSpec("api", workers, args.pool_size, url, args.baseline_root)
+                        if name == "baseline"
+                        else spec(name, workers)
+                    )
                     async with serving(server_spec, logs) as server:
                         pair[name] = await scenarios.counter_reads(
                             ctx,
