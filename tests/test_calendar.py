@@ -264,6 +264,20 @@ def test_a_day_when_clocks_go_back_has_25_hours_and_the_repeated_hour_twice() ->
     assert len(labels("America/New_York", "hour", "2026-11-01", "2026-11-01")) == 25
 
 
+def test_a_range_starting_in_a_repeated_midnight_hour_reads_later_midnights_as_the_first() -> None:
+    """Havana repeats 00:00-01:00 on the first Sunday of November: a range starting in the
+    second 00:03 still ends its October a year later at the first midnight of November."""
+    havana = ZoneInfo("America/Havana")
+    start = datetime(2025, 11, 2, 5, 3, 45, tzinfo=UTC)  # 00:03:45-05:00, the second time
+    end = datetime(2026, 11, 1, 5, 3, 45, tzinfo=UTC)
+    buckets = Calendar(havana, "month").buckets(start, end)
+    assert buckets == oracle(havana, "month", start, end)
+    assert buckets[-2] == (
+        datetime(2026, 10, 1, 4, tzinfo=UTC),
+        datetime(2026, 11, 1, 4, tzinfo=UTC),  # 00:00-04:00, the first midnight
+    )
+
+
 def test_a_midnight_that_does_not_exist_starts_the_day_at_its_first_instant() -> None:
     # Havana moves its clocks from 00:00 to 01:00: March 8 begins at 01:00.
     assert labels("America/Havana", "day", "2026-03-07", "2026-03-09") == [

@@ -218,7 +218,9 @@ class Calendar:
         unit = self.unit
         step = {"day": _DAY, "week": 7 * _DAY}.get(unit)
         try:
-            wall = _wall_floor(_local(start, zone).replace(tzinfo=None), unit)
+            # fold=0 as `resolve` reads it: a start in a repeated hour has fold=1, which
+            # `utcoffset` below would carry to every later wall time of the range.
+            wall = _wall_floor(_local(start, zone).replace(tzinfo=None, fold=0), unit)
             wall = _wall_step(wall, unit, -1).replace(tzinfo=UTC)
             last = start
             while last < MAX_INSTANT:
