@@ -21,6 +21,7 @@ from usage_api.http.deps import Services
 from usage_api.http.middleware import BodySizeLimit, HeadAsGet, ObservedFastAPI
 from usage_api.http.openapi import complete_openapi
 from usage_api.http.telemetry import Telemetry
+from usage_api.ingest import Writer
 from usage_api.ingest import router as ingestion
 from usage_api.ratelimit import RateLimiter, RateLimitMiddleware
 from usage_api.replicas import instrument
@@ -38,13 +39,15 @@ def create_app(settings: Settings | None = None, database_url: str | None = None
     url = database_url or settings.database_url
     if url is None:
         raise ConfigError("DATABASE_URL is not set")
+    databases = Databases.create(settings, url)
     services = Services(
         settings=settings,
-        databases=Databases.create(settings, url),
+        databases=databases,
         limiter=RateLimiter(
             settings.rate_limit, settings.rate_limit_window_s, settings.rate_limit_sync_ms / 1000
         ),
         telemetry=Telemetry(settings.metrics_dir) if settings.metrics_enabled else None,
+        writer=Writer(databases.primary, settings.write_statements),
     )
 
     app = ObservedFastAPI(

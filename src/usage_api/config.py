@@ -55,6 +55,9 @@ class Settings:
     database_url: str | None
     powered_by: str
     pool_size: int
+    # How many ingestion statements a process runs at once; batches arriving meanwhile are
+    # written together (`ingest.Writer`).
+    write_statements: int
     statement_timeout_ms: int
     max_body_bytes: int
     rollup_interval_ms: int
@@ -87,6 +90,7 @@ class Settings:
             database_url=os.environ.get("DATABASE_URL") or None,
             powered_by=os.environ.get("USAGE_API_POWERED_BY", "Teli"),
             pool_size=_int("USAGE_API_POOL_SIZE", 10),
+            write_statements=_int("USAGE_API_WRITE_STATEMENTS", 2, minimum=1),
             statement_timeout_ms=_int("USAGE_API_STATEMENT_TIMEOUT_MS", 5000),
             max_body_bytes=_int("USAGE_API_MAX_BODY_BYTES", 1024 * 1024),
             rollup_interval_ms=_int("USAGE_API_ROLLUP_INTERVAL_MS", 500),

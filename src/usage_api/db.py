@@ -264,17 +264,17 @@ async def _on_driver(engine: AsyncEngine, method: str, statement: str, args: Any
         return result
 
 
-async def write_row(engine: PrimaryEngine, statement: str, *args: Any) -> Any:
+async def write_rows(engine: PrimaryEngine, statement: str, *args: Any) -> list[Any]:
     """One writing statement (`$n` placeholders) on asyncpg directly, outside a transaction:
     PostgreSQL runs a single statement atomically, so it needs no BEGIN and COMMIT, and it
-    is committed when this returns. Its row or None.
+    is committed when this returns. Its rows.
 
     As `transact`, a serialization failure or deadlock (the statement did nothing) is
     retried and an unreachable database becomes a 503.
     """
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
-            return await fetch_row(engine, statement, *args)
+            return await fetch_rows(engine, statement, *args)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate not in _RETRYABLE_SQLSTATES or attempt == _MAX_ATTEMPTS:
                 raise

@@ -49,10 +49,10 @@ METRIC_SUMS = ", ".join(f"coalesce(sum({m}), 0)::bigint AS {m}" for m in METRICS
 METRIC_COLUMNS = ", ".join(METRICS)
 
 # The live key with a given hash; reads embed it as `k` to check the key in their statement.
+LIVE_KEY = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
 KEY_LOOKUP = (
     "SELECT id, scope, partner_id, organization_id, can_write FROM api_keys"
-    " WHERE key_hash = :key_hash AND revoked_at IS NULL"
-    " AND (expires_at IS NULL OR expires_at > now())"
+    f" WHERE key_hash = :key_hash AND {LIVE_KEY}"
 )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -16,6 +16,9 @@ from usage_api.http.telemetry import Telemetry
 from usage_api.ratelimit import RateLimiter
 from usage_api.replicas import Reads
 
+if TYPE_CHECKING:
+    from usage_api.ingest import Writer
+
 
 @dataclass(frozen=True)
 class Services:
@@ -25,6 +28,7 @@ class Services:
     databases: Databases
     limiter: RateLimiter
     telemetry: Telemetry | None
+    writer: Writer
 
 
 def services(request: Request) -> Services:
