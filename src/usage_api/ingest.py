@@ -323,10 +323,10 @@ class Writer:
     commit), up to `MAX_EVENTS` events.
 
     Under a load of small batches most of a write's cost is the statement's own (its
-    planning, its commit, the round trip), not its rows': many pipelines each sending one
-    event at a time are written as a few statements of many events. A batch that arrives
-    with a statement free goes at once, so waiting only ever stands in for a connection
-    being busy. Each request is still its own all-or-nothing unit, checked against its own
+    execution's set-up, its commit and WAL flush, the round trip), not its rows': many
+    pipelines each sending one event at a time are written as a few statements of many
+    events. A batch that arrives with a statement free goes at once, in a statement of its
+    own: a batch waits only while the process's statements are all in flight. Each request is still its own all-or-nothing unit, checked against its own
     key and scope (`_write`); a statement that fails for any reason but the database being
     away is run again one request at a time, so no batch fails for another's.
     """
@@ -356,14 +356,19 @@ class Writer:
         run after the write has committed.
         """
         columns = _columns(events)
-        answer = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(key_hash, columns, len(events), answer))
-        if self._writers < self._statements:
+        if self._writers < self._statements and not self._pending:
+            # A statement is free: the batch is written at once, in a statement of its own.
             self._writers += 1
-            task = asyncio.create_task(self._write_pending())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        row, first = await answer
+            try:
+                row, first = await self._write_alone(key_hash, columns, len(events)), 1
+            finally:
+                self._writers -= 1
+                self._start()
+        else:
+            answer = asyncio.get_running_loop().create_future()
+            self._pending.append(_Request(key_hash, columns, len(events), answer))
+            self._start()
+            row, first = await answer
         if row is None:
             raise invalid_key()
         if not row["can_write"]:
@@ -376,6 +381,21 @@ class Writer:
             found = await fetch_rows(self._engine, _KEY_CONFLICTS.sql, *args)
             result = _with_conflicts(result, events, {r["position"] for r in found})
         return row["key_id"], result
+
+    def _start(self) -> None:
+        """A writer for the batches that wait, if a statement is free."""
+        if self._pending and self._writers < self._statements:
+            self._writers += 1
+            task = asyncio.create_task(self._write_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write_alone(self, key_hash: bytes, columns: dict[str, list[Any]], size: int) -> Any:
+        """One request's batch in a statement of its own: its row, None for a key that is
+        not live."""
+        params = columns | {"request": [1] * size, "key_hashes": [key_hash]}
+        rows = await write_rows(self._engine, _KEY_WRITE.sql, *_KEY_WRITE.args(params))
+        return rows[0] if rows else None
 
     async def _write_pending(self) -> None:
         """Write what waits, a statement at a time, until nothing does."""
@@ -390,7 +410,7 @@ class Writer:
                 await self._write(group)
         finally:
             # Counted down here, not when the task is done: a batch that arrives in between
-            # would find every writer taken and none left to write it.
+            # would find every statement taken and none left to write it.
             self._writers -= 1
 
     async def _write(self, group: list[_Request]) -> None:
