@@ -326,9 +326,10 @@ class Writer:
     execution's set-up, its commit and WAL flush, the round trip), not its rows': many
     pipelines each sending one event at a time are written as a few statements of many
     events. A batch that arrives with a statement free goes at once, in a statement of its
-    own: a batch waits only while the process's statements are all in flight. Each request is still its own all-or-nothing unit, checked against its own
-    key and scope (`_write`); a statement that fails for any reason but the database being
-    away is run again one request at a time, so no batch fails for another's.
+    own: a batch waits only while the process's statements are all in flight. Each request
+    is still its own all-or-nothing unit, checked against its own key and scope (`_write`);
+    a statement that fails for any reason but the database being away is run again one
+    request at a time, so no batch fails for another's.
     """
 
     def __init__(self, engine: PrimaryEngine, statements: int) -> None:
