@@ -55,15 +55,15 @@ async def written_together(
         head = asyncio.ensure_future(first())
         await _until(lambda: _waits_for(engine, holder))
         rest = [asyncio.ensure_future(send()) for send in queued]
-        # Every one waits for the statement, or was answered without a write (an unknown
-        # key is the rate limiter's 401).
-        await _until(lambda: _true(writer.waiting == sum(not r.done() for r in rest)))
+
+        async def all_queued() -> bool:
+            # Answered without a write is queued no more: an unknown key is the rate
+            # limiter's 401.
+            return writer.waiting == sum(not request.done() for request in rest)
+
+        await _until(all_queued)
         await blocker.rollback()
     return await head, list(await asyncio.gather(*rest))
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> None:
