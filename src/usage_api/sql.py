@@ -48,8 +48,9 @@ EVENT_SUMS = """
 METRIC_SUMS = ", ".join(f"coalesce(sum({m}), 0)::bigint AS {m}" for m in METRICS)
 METRIC_COLUMNS = ", ".join(METRICS)
 
-# The live key with a given hash; reads embed it as `k` to check the key in their statement.
+# What makes an `api_keys` row live: neither revoked nor expired.
 LIVE_KEY = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+# The live key with a given hash; reads embed it as `k` to check the key in their statement.
 KEY_LOOKUP = (
     "SELECT id, scope, partner_id, organization_id, can_write FROM api_keys"
     f" WHERE key_hash = :key_hash AND {LIVE_KEY}"
